@@ -1,0 +1,59 @@
+"""Serve a trained workdir.
+
+  python bin/infer.py --workdir W                      # test metrics of the best checkpoint (JSON last line)
+  python bin/infer.py --workdir W --input h.csv --output recs.csv --topk 10
+"""
+
+import json
+import sys
+
+from absl import app, flags
+
+from diffurec_jax import cli
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A workdir trained by bin/train.py.")
+_INPUT = flags.DEFINE_string("input", None, "CSV/TSV/parquet (user,item[,timestamp]) or JSONL "
+                             "({'user':..,'items':[..]}) histories in ORIGINAL ids.")
+_OUTPUT = flags.DEFINE_string("output", None, "Recommendations: .csv, .tsv or .parquet.")
+_TOPK = flags.DEFINE_integer("topk", 10, "Recommendations per user.")
+_SEEDS = flags.DEFINE_integer("seeds", 0, "Ensemble size (0 = the run's config).")
+_STEPS = flags.DEFINE_integer("steps", 0, "Reverse steps K, respaced (0 = the run's config).")
+_SAMPLER = flags.DEFINE_enum("sampler", "", ["", "reverse", "ddim", "one_step"],
+                             "Sampler ('' = the run's config).")
+_BATCH = flags.DEFINE_integer("batch_size", 256, "Users per batch for --input.")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv):
+  del argv
+  cli.setup()
+  from diffurec_jax import infer
+
+  def run():
+    if _INPUT.value and not _OUTPUT.value:
+      raise infer.InputError("--input needs --output (a .csv, .tsv or .parquet path).")
+    loaded = infer.load(_WORKDIR.value, seeds=_SEEDS.value, steps=_STEPS.value,
+                        sampler=_SAMPLER.value)
+    if not _INPUT.value:
+      result = infer.evaluate_test(loaded)
+      result.update(split="test", best_epoch=loaded.epoch,
+                    mask_history=bool(loaded.config.train.mask_history),
+                    seeds=loaded.config.sample.seeds,
+                    steps=loaded.config.sample.steps or loaded.config.model.diffusion_steps)
+      print(json.dumps(result, sort_keys=True))
+      return
+    users, sequences = infer.read_histories(_INPUT.value)
+    frame, counts = infer.recommend(loaded, users, sequences, topk=_TOPK.value,
+                                    batch_size=_BATCH.value)
+    infer.write_recommendations(frame, _OUTPUT.value)
+    if counts["unknown_items_skipped"] or counts["users_without_known_items"]:
+      print(f"warning: skipped {counts['unknown_items_skipped']} unknown item(s); "
+            f"{counts['users_without_known_items']} user(s) had no known item (error rows).",
+            file=sys.stderr)
+    print(json.dumps({"output": _OUTPUT.value, **counts}))
+
+  cli.run_guarded(run)
+
+
+if __name__ == "__main__":
+  app.run(main)

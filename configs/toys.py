@@ -1,0 +1,9 @@
+"""Amazon Toys (2014 5-core, S3-Rec files): `--config configs/toys.py[:presets]`."""
+
+from diffurec_jax import config as config_lib
+
+
+def get_config(arg=None):
+  config = config_lib.base_config()
+  config.data.name = "toys"
+  return config_lib.apply_presets(config, arg)

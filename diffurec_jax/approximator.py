@@ -1,0 +1,90 @@
+"""The Transformer approximator f_theta: a stack of pre-LN blocks, x + Drop(f(LN(x))).
+
+Each block is [cross-attention ->] self-attention -> feed-forward, each block consuming the
+previous block's output (unlike the DiffuRecSys code, where every block read the original
+input, so 3 of 4 blocks were dead). Cross-attention (DiffuRecSys Eq. 16) takes the target
+stream lambda * (x_t + d_t) [B, L, H] as queries and the history [B, L, H] as keys and
+values, softmax over the sequence axis (the DiffuRecSys code normalised over heads).
+
+`last_only=True` computes queries, attention output and feed-forward of the final block for
+the last position alone: x0_hat is read there, so the result is identical and cheaper.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from diffurec_jax import attention
+
+
+class FeedForward(nnx.Module):
+  """h -> 4h (tanh-GELU) -> h, Xavier-normal weights as in DiffuRec."""
+
+  def __init__(self, hidden: int, dropout_rate: float, *, rngs: nnx.Rngs):
+    init = nnx.initializers.xavier_normal()
+    self.dropout_rate = dropout_rate
+    self.inner = nnx.Linear(hidden, 4 * hidden, kernel_init=init, rngs=rngs)
+    self.outer = nnx.Linear(4 * hidden, hidden, kernel_init=init, rngs=rngs)
+
+  def __call__(self, x, key=None):
+    hidden = jax.nn.gelu(self.inner(x), approximate=True)
+    return self.outer(attention.dropout(hidden, self.dropout_rate, key))
+
+
+class Block(nnx.Module):
+  """One pre-LN block; `cross_attention` adds the DiffuRecSys target cross-attention."""
+
+  def __init__(self, hidden: int, num_heads: int, dropout_rate: float, cross_attention: bool,
+               *, rngs: nnx.Rngs):
+    self.dropout_rate = dropout_rate
+    if cross_attention:
+      self.cross_norm = nnx.LayerNorm(hidden, rngs=rngs)
+      self.cross = attention.MultiHeadAttention(hidden, num_heads, dropout_rate, rngs=rngs)
+    else:
+      self.cross_norm = self.cross = None
+    self.attention_norm = nnx.LayerNorm(hidden, rngs=rngs)
+    self.attention = attention.MultiHeadAttention(hidden, num_heads, dropout_rate, rngs=rngs)
+    self.ffn_norm = nnx.LayerNorm(hidden, rngs=rngs)
+    self.ffn = FeedForward(hidden, dropout_rate, rngs=rngs)
+
+  def __call__(self, h, self_mask, query_len: int, target=None, cross_mask=None, key=None):
+    """h [B, L, H]; target [B, L, H] or None; masks [B, Lq, L] -> [B, query_len, H]."""
+    keys = attention.split_key(key, 7)
+    rate = self.dropout_rate
+    if self.cross is not None:
+      attended = self.cross(target, self.cross_norm(h), cross_mask, keys[0])
+      h = h + attention.dropout(attended, rate, keys[1])
+    normed = self.attention_norm(h)
+    attended = self.attention(normed[:, -query_len:], normed, self_mask, keys[2])
+    h = h[:, -query_len:] + attention.dropout(attended, rate, keys[3])
+    return h + attention.dropout(self.ffn(self.ffn_norm(h), keys[4]), rate, keys[5])
+
+
+class Approximator(nnx.Module):
+  """num_blocks blocks, then LN(Drop(h))."""
+
+  def __init__(self, hidden: int, num_blocks: int, num_heads: int, dropout_rate: float, *,
+               cross_attention: bool, mask_padding_keys: bool, causal: bool, rngs: nnx.Rngs):
+    self.dropout_rate = dropout_rate
+    self.mask_padding_keys = mask_padding_keys
+    self.causal = causal
+    self.blocks = nnx.List([
+        Block(hidden, num_heads, dropout_rate, cross_attention, rngs=rngs)
+        for _ in range(num_blocks)])
+    self.final_norm = nnx.LayerNorm(hidden, rngs=rngs)
+
+  def __call__(self, h, key_mask, target=None, *, last_only: bool, key=None):
+    """h [B, L, H], key_mask [B, L] bool, target [B, L, H] or None -> [B, L or 1, H]."""
+    length = h.shape[1]
+    masks = {q: attention.attention_mask(key_mask, q, mask_padding_keys=self.mask_padding_keys,
+                                         causal=self.causal) for q in {length, 1}}
+    # Cross-attention reads the whole history of every position: key padding only.
+    cross_mask = attention.attention_mask(key_mask, length,
+                                          mask_padding_keys=self.mask_padding_keys, causal=False)
+    keys = attention.split_key(key, len(self.blocks) + 1)
+    for index, block in enumerate(self.blocks):
+      query_len = 1 if last_only and index == len(self.blocks) - 1 else length
+      h = block(h, masks[query_len], query_len, target, cross_mask, keys[index])
+    return self.final_norm(attention.dropout(h, self.dropout_rate, keys[-1]))

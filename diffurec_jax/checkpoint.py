@@ -1,0 +1,61 @@
+"""Checkpoints of a workdir: the latest N (to resume) and the best on validation (to test).
+
+Two orbax CheckpointManagers under `workdir/checkpoints/{latest,best}`. Each checkpoint holds
+the train state pytree (params, optimizer state, step) and a JSON `meta` item (epoch, early-
+stopping state, validation history), so a rerun resumes exactly where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(Exception):
+  """A missing, corrupt or incompatible checkpoint, in one sentence for people."""
+
+
+def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+class Checkpoints:
+  """`latest` keeps `keep` checkpoints; `best` keeps the best one only."""
+
+  def __init__(self, workdir: str, keep: int = 2):
+    self.directory = os.path.join(workdir, "checkpoints")
+    self.latest = _manager(os.path.join(self.directory, "latest"), max(keep, 1))
+    self.best = _manager(os.path.join(self.directory, "best"), 1)
+
+  def save(self, epoch: int, state, meta: dict, *, best: bool):
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    self.latest.save(epoch, args=args)
+    if best:
+      self.best.save(epoch, args=args)
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def restore(self, which: str, target_state):
+    """(state, meta) of the latest step of `which` ('latest' | 'best'), or None if none."""
+    manager = self.latest if which == "latest" else self.best
+    step = manager.latest_step()
+    if step is None:
+      return None
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    except Exception as error:  # Orbax raises many types for damaged or mismatched files.
+      path = os.path.join(manager.directory, str(step))
+      raise CheckpointError(
+          f"The checkpoint at {path} is corrupt or does not match this config's model "
+          f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); delete it to start "
+          "over, or use the config it was trained with.") from error
+    return restored["state"], restored["meta"]
+
+  def close(self):
+    self.latest.close()
+    self.best.close()

@@ -1,0 +1,31 @@
+"""Shared plumbing of the bin/ entrypoints: distributed setup and errors for people."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# The exceptions that mean "bad input": one sentence on stderr, exit status 2.
+_USER_ERRORS = ("DataError", "WorkdirError", "CheckpointError", "InputError",
+                "FloatingPointError", "ValueError")
+
+
+def setup():
+  """Quiet library logging; jax.distributed.initialize() in a multi-host environment."""
+  from absl import logging
+  import jax
+  if logging.get_verbosity() <= logging.INFO and "-v" not in " ".join(sys.argv):
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint operation at INFO.
+  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS", "1") != "1":
+    jax.distributed.initialize()
+
+
+def run_guarded(function):
+  """Runs `function`; known user errors become `error: ...` and exit status 2."""
+  try:
+    return function()
+  except Exception as error:  # Re-raised unless it is one of the user-facing kinds.
+    if type(error).__name__ not in _USER_ERRORS:
+      raise
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)

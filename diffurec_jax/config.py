@@ -1,0 +1,198 @@
+"""Default configuration and presets, defined once for every dataset config.
+
+`configs/<dataset>.py` calls `base_config()`, overrides what differs for its data,
+then `apply_presets(config, arg)` applies the comma-separated `:arg` suffix of
+`--config configs/toys.py:v2,smoke`. Presets are applied left to right.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Variant presets pick the system; they are mutually exclusive.
+VARIANTS = ("diffurec", "v1", "v2", "sasrec")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by every dataset: DiffuRecSys's training setup."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds parameters, data order, diffusion noise and dropout.
+  config.variant = "diffurec"  # One of VARIANTS; set through presets.
+
+  data = config.data = ml_collections.ConfigDict()
+  data.name = "custom"  # 'beauty', 'toys', 'ml-1m' (registered) or 'custom'.
+  data.root = ""  # Raw-data root; '' = $DIFFUREC_DATA, else the user cache dir.
+  data.path = ""  # Custom data: the interaction file to read.
+  data.format = "auto"  # auto|long|inter|movielens|amazon|sequences.
+  data.user_col = "user"  # Long format: user column name.
+  data.item_col = "item"  # Long format: item column name.
+  data.time_col = "timestamp"  # Long format: time column ('' = file order).
+  data.rating_col = ""  # Long format: rating column ('' = none).
+  data.separator = ""  # Long format: field separator ('' = from the extension).
+  data.dedup = "none"  # none|first|last: repeated (user, item) pairs.
+  data.min_rating = -1.0  # Keep ratings >= this; negative = keep all.
+  data.user_core = 5  # Iterative k-core: min interactions per user (0 = off).
+  data.item_core = 5  # Iterative k-core: min interactions per item (0 = off).
+  data.short_users = "drop"  # drop|error: users with < 3 interactions after filtering.
+  data.max_users = 0  # Keep only the first N users (0 = all); for smoke runs.
+  data.max_len = 100  # History length: the most recent max_len items.
+  data.cache_dir = ""  # Prepared-split cache; '' = $DIFFUREC_CACHE or user cache dir.
+  data.download = True  # Download missing registered files when a network exists.
+
+  model = config.model = ml_collections.ConfigDict()
+  model.hidden = 128  # Embedding and Transformer width.
+  model.num_blocks = 4  # Transformer blocks in the approximator.
+  model.num_heads = 4  # Attention heads.
+  model.dropout = 0.1  # Dropout inside the Transformer blocks.
+  model.emb_dropout = 0.3  # Dropout on history item embeddings.
+  model.mixing = "add"  # add (DiffuRec Eq. 15) | cross_attention (DiffuRecSys Eq. 16).
+  model.position_embedding = True  # Learned positions, counted from the most recent item.
+  model.mask_padding_keys = True  # Attention never attends to padding positions.
+  model.causal = False  # Causal self-attention (SASRec always uses it).
+  model.lambda_mean = 0.001  # lambda ~ N(lambda_mean, lambda_std) per element.
+  model.lambda_std = 0.001
+  model.diffusion_steps = 32  # T, training schedule length.
+  model.schedule = "trunc_lin"  # trunc_lin|linear|cosine|sqrt.
+  model.reverse_variance = "beta"  # beta (DiffuRec code) | posterior (paper Eq. 23).
+
+  noise = config.offset_noise = ml_collections.ConfigDict()
+  noise.mode = "none"  # none|constant|per_example (training only).
+  noise.delta_c = 1.0  # 'constant': eps ~ N(0.1 * delta_c, I).
+  noise.scale = 0.1  # 'per_example': eps = N(0, I) + scale * s, s ~ N(0, 1) per example.
+
+  train = config.train = ml_collections.ConfigDict()
+  train.batch_size = 1024  # Global batch (divided over devices).
+  train.eval_batch_size = 1024  # Users per evaluation batch (padded, masked).
+  train.learning_rate = 1e-3
+  train.weight_decay = 1e-4  # Adam with L2 added to the gradient, as torch Adam does.
+  train.lr_decay_epochs = 30  # Step decay: lr *= lr_decay_rate every this many epochs (0 = off).
+  train.lr_decay_rate = 0.1
+  train.grad_clip = 0.0  # Global-norm clip (0 = off).
+  train.num_epochs = 41
+  train.eval_every = 1  # Validate every this many epochs.
+  train.patience = 10  # Early stop after this many evaluations without improvement (0 = off).
+  train.valid_metric = "ndcg@10"  # Checkpoint selection metric (validation only).
+  train.keep_checkpoints = 2  # Latest checkpoints kept, besides the best.
+  train.max_steps_per_epoch = 0  # Cap on steps per epoch (0 = full epoch); for smoke runs.
+  train.length_buckets = (8, 16, 32)  # Extra padded lengths below max_len (needs masked keys).
+  train.mask_history = False  # Evaluation: exclude the user's history items from ranking.
+
+  sample = config.sample = ml_collections.ConfigDict()
+  sample.sampler = "reverse"  # reverse (Algorithm 2) | ddim | one_step (Algorithm 3).
+  sample.steps = 0  # Reverse steps K (respaced); 0 = diffusion_steps.
+  sample.seeds = 1  # Ensemble size: item distributions of S chains are averaged.
+  sample.eta = 0.0  # DDIM stochasticity (0 = deterministic).
+  sample.seed = 0  # Base seed for inference noise (valid/test reproducible).
+  sample.topk = 10  # Recommendations per user in bin/infer.py.
+  sample.compute_dtype = "float32"  # float32 | bfloat16 (matmuls; softmax stays f32).
+  return config
+
+
+def _preset_diffurec(config):
+  config.variant = "diffurec"
+  config.model.mixing = "add"
+  config.offset_noise.mode = "none"
+  config.train.batch_size = 512
+  config.data.max_len = 50
+
+
+def _preset_v1(config):
+  config.variant = "v1"
+  config.model.mixing = "cross_attention"
+  config.offset_noise.mode = "none"
+  config.train.batch_size = 1024
+  config.data.max_len = 100
+
+
+def _preset_v2(config):
+  _preset_v1(config)
+  config.variant = "v2"
+  config.offset_noise.mode = "constant"
+
+
+def _preset_sasrec(config):
+  config.variant = "sasrec"
+  config.model.causal = True
+  config.model.position_embedding = True
+  config.model.mask_padding_keys = True
+  config.model.hidden = 64
+  config.model.num_blocks = 2
+  config.model.num_heads = 2
+  config.model.dropout = 0.5
+  config.model.emb_dropout = 0.5
+  config.offset_noise.mode = "none"
+  config.train.batch_size = 256
+  config.train.learning_rate = 1e-3
+  config.train.weight_decay = 0.0
+  config.train.lr_decay_epochs = 0
+  config.train.num_epochs = 200
+  config.train.patience = 10
+  config.data.max_len = 50
+
+
+def _preset_upstream(config):
+  """DiffuRec's official code: no positions, padding keys attended, max_len 50."""
+  config.model.position_embedding = False
+  config.model.mask_padding_keys = False
+  config.model.causal = False
+  config.data.max_len = 50
+  config.train.length_buckets = ()
+
+
+def _preset_nopos(config):
+  config.model.position_embedding = False
+
+
+def _preset_lambda0(config):
+  config.model.lambda_mean = 0.0
+  config.model.lambda_std = 0.0
+
+
+def _preset_steps1(config):
+  config.sample.steps = 1
+
+
+def _preset_smoke(config):
+  """Tiny and fast: a slice of the real data, small model, few steps."""
+  config.data.max_users = 400
+  config.data.max_len = 20
+  config.model.hidden = 32
+  config.model.num_blocks = 2
+  config.model.num_heads = 2
+  config.train.batch_size = 64
+  config.train.eval_batch_size = 128
+  config.train.num_epochs = 3
+  config.train.max_steps_per_epoch = 20
+  config.train.patience = 0
+  config.train.length_buckets = (8,)
+
+
+PRESETS = {
+    "diffurec": _preset_diffurec,
+    "v1": _preset_v1,
+    "v2": _preset_v2,
+    "sasrec": _preset_sasrec,
+    "upstream": _preset_upstream,
+    "nopos": _preset_nopos,
+    "lambda0": _preset_lambda0,
+    "steps1": _preset_steps1,
+    "smoke": _preset_smoke,
+}
+
+
+def apply_presets(config: ml_collections.ConfigDict, arg: str | None):
+  """Applies the comma-separated presets in `arg` (e.g. 'v2,smoke') in order."""
+  names = [name.strip() for name in (arg or "").split(",") if name.strip()]
+  unknown = [name for name in names if name not in PRESETS]
+  if unknown:
+    raise ValueError(
+        f"Unknown preset(s) {unknown} in ':{arg}'; known presets: {sorted(PRESETS)}.")
+  variants = [name for name in names if name in VARIANTS]
+  if len(variants) > 1:
+    raise ValueError(f"Choose one variant preset, got {variants}.")
+  # The variant sets its paper's defaults first; the other presets refine them.
+  PRESETS[variants[0] if variants else "diffurec"](config)
+  for name in names:
+    if name not in VARIANTS:
+      PRESETS[name](config)
+  return config

@@ -1,0 +1,322 @@
+"""Readers: raw interaction files -> one polars DataFrame in file order.
+
+Every reader returns columns `user` (str), `item` (str), optionally `time` (int64 or
+float64; absent = file order) and `rating` (float64), one row per interaction, in the
+order of the file. Supported formats:
+
+  long       CSV/TSV/parquet (optionally .gz) with a header; columns named by config.
+  inter      RecBole atomic files: `user_id:token<TAB>item_id:token<TAB>...`.
+  movielens  MovieLens `ratings.dat`: `UserID::MovieID::Rating::Timestamp`.
+  amazon     Amazon 2014 ratings CSV: `user,item,rating,timestamp`, no header.
+  sequences  S3-Rec text: `user i1 i2 ...` per line, already chronological.
+
+`detect_format` picks one from the extension and the first lines. Nothing is
+ever unpickled.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pathlib
+
+import polars as pl
+
+from diffurec_jax.data.errors import DataError
+
+FORMATS = ("long", "inter", "movielens", "amazon", "sequences")
+_HEADER_WORDS = {"user", "item", "user_id", "item_id", "userid", "itemid", "uid", "iid"}
+_SEPARATOR_NAMES = {"\\t": "\t", "tab": "\t", "comma": ",", "space": " ", "semicolon": ";"}
+
+
+def _suffix(path: pathlib.Path) -> str:
+  """The extension without a trailing `.gz`, lower case ('' if none)."""
+  name = path.name.lower()
+  if name.endswith(".gz"):
+    name = name[:-3]
+  return pathlib.PurePath(name).suffix
+
+
+def _read_bytes(path: pathlib.Path) -> bytes:
+  """The file's bytes, gunzipped when the name ends in .gz."""
+  try:
+    if path.name.lower().endswith(".gz"):
+      with gzip.open(path, "rb") as f:
+        return f.read()
+    return path.read_bytes()
+  except (OSError, EOFError) as e:
+    raise DataError(
+        f"Could not read {path} ({e}); check that the file is complete and readable.") from e
+
+
+def head_lines(path: pathlib.Path, num_lines: int = 20) -> list[str]:
+  """The first `num_lines` non-empty lines of a text file (gz-aware)."""
+  opener = gzip.open if path.name.lower().endswith(".gz") else open
+  lines = []
+  try:
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+      for line in f:
+        if line.strip():
+          lines.append(line.rstrip("\r\n"))
+        if len(lines) >= num_lines:
+          break
+  except (OSError, EOFError) as e:
+    raise DataError(
+        f"Could not read {path} ({e}); check that the file is complete and readable.") from e
+  return lines
+
+
+def _is_number(text: str) -> bool:
+  try:
+    float(text)
+    return True
+  except ValueError:
+    return False
+
+
+def _looks_like_sequences(lines: list[str], user_col: str, item_col: str) -> bool:
+  """True for space-separated `user i1 i2 ...` lines without a header."""
+  if not lines or any(c in line for line in lines for c in (",", "\t", ";", ":")):
+    return False
+  header = {token.lower() for token in lines[0].split()}
+  if header & (_HEADER_WORDS | {user_col.lower(), item_col.lower()}):
+    return False
+  return all(len(line.split()) >= 2 for line in lines)
+
+
+def detect_format(path: pathlib.Path, user_col: str = "user", item_col: str = "item") -> str:
+  """Guesses the format of `path` from its extension and first lines (see module doc)."""
+  suffix = _suffix(path)
+  if suffix in (".parquet", ".pq"):
+    return "long"
+  if suffix == ".inter":
+    return "inter"
+  lines = head_lines(path)
+  first = lines[0] if lines else ""
+  if suffix == ".dat" and "::" in first:
+    return "movielens"
+  fields = first.split("\t")
+  if len(fields) >= 2 and all(":" in field for field in fields):
+    return "inter"  # A RecBole header in a file without the .inter extension.
+  if suffix in (".txt", "") and _looks_like_sequences(lines, user_col, item_col):
+    return "sequences"
+  fields = [field.strip().strip('"') for field in first.split(",")]
+  if (suffix == ".csv" and len(fields) == 4 and _is_number(fields[2]) and _is_number(fields[3])
+      and user_col not in fields):
+    return "amazon"
+  return "long"
+
+
+def _epoch_seconds(times: pl.Series) -> pl.Series:
+  """Datetimes as epoch seconds: int64 when whole, else float64."""
+  micros = times.dt.epoch("us")
+  if (micros % 1_000_000 == 0).all():
+    return micros // 1_000_000
+  return micros.cast(pl.Float64) / 1e6
+
+
+def parse_time(values: pl.Series, column: str, path: pathlib.Path) -> pl.Series:
+  """Timestamps as numbers: int64/float64 as given, or ISO dates as epoch seconds.
+
+  Raises DataError naming the column and one value that is neither.
+  """
+  if values.dtype.is_numeric():
+    if values.null_count():
+      raise DataError(
+          f"Column '{column}' of {path} has {values.null_count()} empty timestamps; "
+          "fill them or set --config.data.time_col='' to use file order.")
+    return values.cast(pl.Int64 if values.dtype.is_integer() else pl.Float64)
+  if values.dtype.is_temporal() and values.null_count() == 0:
+    return _epoch_seconds(values.cast(pl.Datetime("us")))
+  text = values.cast(pl.String).str.strip_chars()
+  as_int = text.cast(pl.Int64, strict=False)
+  if as_int.null_count() == 0:
+    return as_int
+  as_float = text.cast(pl.Float64, strict=False)
+  if as_float.null_count() == 0 and as_float.is_finite().all():
+    return as_float
+  try:
+    as_date = text.str.to_datetime(strict=False, time_unit="us")
+  except pl.exceptions.PolarsError:
+    as_date = pl.Series([None] * len(text), dtype=pl.Datetime("us"))
+  if as_date.null_count() == 0:
+    return _epoch_seconds(as_date)
+  bad = text.filter(as_float.is_null() & as_date.is_null())
+  example = bad[0] if len(bad) else text.filter(as_float.is_null())[0]
+  raise DataError(
+      f"Column '{column}' of {path} has values that are neither numbers nor ISO dates "
+      f"(for example {example!r}); fix the file or point --config.data.time_col at a "
+      "numeric or ISO-date column ('' = file order).")
+
+
+def parse_rating(values: pl.Series, column: str, path: pathlib.Path) -> pl.Series:
+  """Ratings as float64; raises DataError naming the column and one bad value."""
+  text = values.cast(pl.String).str.strip_chars()
+  ratings = text.cast(pl.Float64, strict=False)
+  if ratings.null_count():
+    example = text.filter(ratings.is_null())[0]
+    raise DataError(
+        f"Column '{column}' of {path} has non-numeric ratings (for example {example!r}); "
+        "fix the file or set --config.data.rating_col to a numeric column ('' = none).")
+  return ratings
+
+
+def _finish(frame: pl.DataFrame, path: pathlib.Path, columns: dict[str, str]) -> pl.DataFrame:
+  """Renames `columns` (standard name -> file column), parses time and rating."""
+  out = {
+      "user": frame[columns["user"]].cast(pl.String).str.strip_chars(),
+      "item": frame[columns["item"]].cast(pl.String).str.strip_chars(),
+  }
+  if columns.get("time"):
+    out["time"] = parse_time(frame[columns["time"]], columns["time"], path)
+  if columns.get("rating"):
+    out["rating"] = parse_rating(frame[columns["rating"]], columns["rating"], path)
+  result = pl.DataFrame(out)
+  empty = result.filter((pl.col("user").fill_null("") == "") | (pl.col("item").fill_null("") == ""))
+  if len(empty):
+    raise DataError(
+        f"{path} has {len(empty)} rows with an empty user or item id; remove them or "
+        "check --config.data.user_col/item_col and --config.data.separator.")
+  return result
+
+
+def _read_csv(data: bytes, path: pathlib.Path, **kwargs) -> pl.DataFrame:
+  """polars.read_csv on bytes with every column as str; parse errors become DataError."""
+  try:
+    return pl.read_csv(io.BytesIO(data), infer_schema=False, encoding="utf8-lossy", **kwargs)
+  except pl.exceptions.NoDataError as e:
+    raise DataError(
+        f"{path} is empty; point --config.data.path at a file with interactions.") from e
+  except pl.exceptions.PolarsError as e:
+    reason = str(e).strip().splitlines()[0]
+    raise DataError(
+        f"Could not parse {path} ({reason}); check the file and "
+        "--config.data.format/separator.") from e
+
+
+def _long_separator(separator: str, path: pathlib.Path) -> str:
+  """The separator from config, else the extension, else sniffed from the header."""
+  if separator:
+    separator = _SEPARATOR_NAMES.get(separator.lower(), separator)
+    if len(separator) != 1:
+      raise DataError(
+          f"--config.data.separator={separator!r} must be one character (or 'tab'); "
+          f"set it for {path}.")
+    return separator
+  suffix = _suffix(path)
+  if suffix == ".csv":
+    return ","
+  if suffix in (".tsv", ".tab"):
+    return "\t"
+  header = (head_lines(path, 1) or [""])[0]
+  for candidate in ("\t", ",", ";", "|", " "):
+    if candidate in header:
+      return candidate
+  return ","
+
+
+def read_long(path: pathlib.Path, user_col: str, item_col: str, time_col: str = "",
+              rating_col: str = "", separator: str = "") -> pl.DataFrame:
+  """Long format with a header: one row per interaction, columns named by config."""
+  if _suffix(path) in (".parquet", ".pq"):
+    try:
+      frame = pl.read_parquet(path)
+    except (pl.exceptions.PolarsError, OSError) as e:
+      raise DataError(f"Could not read {path} as parquet ({e}); check the file.") from e
+    where = "parquet file"
+  else:
+    sep = _long_separator(separator, path)
+    frame = _read_csv(_read_bytes(path), path, separator=sep)
+    where = f"header ({sep!r}-separated)"
+  wanted = {"user": (user_col, "user_col"), "item": (item_col, "item_col"),
+            "time": (time_col, "time_col"), "rating": (rating_col, "rating_col")}
+  missing = [f"--config.data.{flag}" for name, flag in wanted.values()
+             if name and name not in frame.columns]
+  if missing:
+    raise DataError(
+        f"{path} lacks the configured column(s) "
+        f"{[name for name, _ in wanted.values() if name and name not in frame.columns]}: its "
+        f"{where} has columns {frame.columns}; set {', '.join(missing)} to the right names "
+        "(time_col/rating_col may be '' for none, or choose --config.data.format).")
+  return _finish(frame, path, {key: name for key, (name, _) in wanted.items()})
+
+
+def read_inter(path: pathlib.Path) -> pl.DataFrame:
+  """RecBole atomic `.inter` file: tab-separated, header fields `name:type`."""
+  frame = _read_csv(_read_bytes(path), path, separator="\t", quote_char=None)
+  names = {column.split(":")[0].strip(): column for column in frame.columns}
+  if "user_id" not in names or "item_id" not in names:
+    raise DataError(
+        f"RecBole file {path} needs 'user_id' and 'item_id' header fields but has "
+        f"{frame.columns}; fix the header or set --config.data.format=long with column names.")
+  return _finish(frame, path, {"user": names["user_id"], "item": names["item_id"],
+                               "time": names.get("timestamp", ""),
+                               "rating": names.get("rating", "")})
+
+
+def _split_lines(path: pathlib.Path, separator: str, num_fields: int, example: str) -> pl.DataFrame:
+  """Non-empty lines split on a (multi-character) separator into exactly num_fields."""
+  text = _read_bytes(path).decode("utf-8", errors="replace")
+  lines = pl.Series("line", text.splitlines()).str.strip_chars()
+  lines = lines.filter(lines != "")
+  if not len(lines):
+    raise DataError(f"{path} is empty; point --config.data.path at a file with interactions.")
+  counts = lines.str.count_matches(separator, literal=True)
+  bad = (counts != num_fields - 1).arg_true()
+  if len(bad):
+    raise DataError(
+        f"Line {lines[bad[0]]!r} of {path} does not have {num_fields} {separator!r}-separated "
+        f"fields like {example!r}; fix the file or choose another --config.data.format.")
+  return lines.str.split_exact(separator, num_fields - 1).struct.unnest()
+
+
+def read_movielens(path: pathlib.Path) -> pl.DataFrame:
+  """MovieLens `ratings.dat`: `UserID::MovieID::Rating::Timestamp`, no header."""
+  frame = _split_lines(path, "::", 4, "1::1193::5::978300760")
+  return _finish(frame, path, {"user": "field_0", "item": "field_1", "rating": "field_2",
+                               "time": "field_3"})
+
+
+def read_amazon(path: pathlib.Path) -> pl.DataFrame:
+  """Amazon 2014 ratings CSV: `user,item,rating,timestamp`, no header."""
+  frame = _read_csv(_read_bytes(path), path, has_header=False)
+  if frame.width != 4:
+    raise DataError(
+        f"Amazon ratings file {path} has {frame.width} columns, not 4 (user,item,rating,"
+        "timestamp); fix the file or choose another --config.data.format.")
+  frame.columns = ["user", "item", "rating", "time"]
+  return _finish(frame, path, {"user": "user", "item": "item", "rating": "rating",
+                               "time": "time"})
+
+
+def read_sequences(path: pathlib.Path) -> pl.DataFrame:
+  """S3-Rec text: `user i1 i2 ...` per line; time = position in the user's sequence."""
+  text = _read_bytes(path).decode("utf-8", errors="replace")
+  tokens = pl.Series("tokens", text.splitlines()).str.extract_all(r"\S+")
+  tokens = tokens.filter(tokens.list.len() > 0)
+  if not len(tokens):
+    raise DataError(f"{path} is empty; point --config.data.path at a file with interactions.")
+  frame = pl.DataFrame({"user": tokens.list.first(), "item": tokens.list.slice(1)})
+  frame = frame.explode("item").drop_nulls("item")
+  return frame.with_columns(time=pl.int_range(pl.len(), dtype=pl.Int64).over("user"))
+
+
+def read_interactions(path: str | pathlib.Path, format: str = "auto", user_col: str = "user",
+                      item_col: str = "item", time_col: str = "", rating_col: str = "",
+                      separator: str = "") -> pl.DataFrame:
+  """Reads any supported file into columns user, item[, time][, rating], file order."""
+  path = pathlib.Path(path).expanduser()
+  if not path.is_file():
+    raise DataError(
+        f"Data file {str(path)!r} was not found (looked at {path.resolve()}); "
+        "set --config.data.path to an existing file.")
+  if format == "auto":
+    format = detect_format(path, user_col, item_col)
+  if format == "long":
+    return read_long(path, user_col, item_col, time_col, rating_col, separator)
+  readers = {"inter": read_inter, "movielens": read_movielens, "amazon": read_amazon,
+             "sequences": read_sequences}
+  if format not in readers:
+    raise DataError(
+        f"Unknown --config.data.format={format!r} for {path}; choose auto or one of {FORMATS}.")
+  return readers[format](path)

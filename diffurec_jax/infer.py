@@ -1,0 +1,194 @@
+"""Serving a trained workdir: test metrics again, or top-K recommendations in original ids.
+
+`load(workdir, overrides)` restores the best checkpoint with the run's own config.json and id
+map. `recommend(...)` scores histories given in ORIGINAL item ids: unknown items are skipped
+(and counted), users left with no known item get an error row instead of stopping the batch.
+Input files: CSV/TSV/parquet with columns user, item[, timestamp] (sorted by time per user,
+ties in file order), or JSONL lines {"user": ..., "items": [...]} (already in order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import polars as pl
+from tqdm.auto import tqdm
+
+from diffurec_jax import batches as batches_lib
+from diffurec_jax import checkpoint as checkpoint_lib
+from diffurec_jax import evaluate as evaluate_lib
+from diffurec_jax import model as model_lib
+from diffurec_jax import sample
+from diffurec_jax import sharding
+from diffurec_jax import train as train_lib
+from diffurec_jax import workdir as workdir_lib
+from diffurec_jax.data import splits
+
+
+class InputError(Exception):
+  """A bad --input file, in one sentence for people."""
+
+
+@dataclasses.dataclass
+class Loaded:
+  config: object
+  bundle: model_lib.Bundle
+  user_ids: np.ndarray
+  item_ids: np.ndarray
+  epoch: int
+
+
+def load(workdir: str, *, seeds: int = 0, steps: int = 0, sampler: str = "") -> Loaded:
+  """The best checkpoint of `workdir` with its config; seeds/steps/sampler override sampling."""
+  config = workdir_lib.load_config(workdir)
+  if seeds:
+    config.sample.seeds = seeds
+  if steps:
+    config.sample.steps = steps
+  if sampler:
+    config.sample.sampler = sampler
+  user_ids, item_ids = workdir_lib.load_id_map(workdir)
+  bundle = train_lib.init_model(config, len(item_ids) - 1)
+  checkpoints = checkpoint_lib.Checkpoints(workdir)
+  try:
+    if checkpoints.best.latest_step() is None:
+      raise checkpoint_lib.CheckpointError(
+          f"{workdir} has no validated checkpoint under {checkpoints.directory}/best; train it "
+          "first with bin/train.py.")
+    tx = train_lib.make_optimizer(config.train, 1)
+    target = train_lib.TrainState(bundle.params, tx.init(bundle.params), jnp.zeros((), jnp.int32))
+    state, meta = checkpoints.restore("best", target)
+  finally:
+    checkpoints.close()
+  return Loaded(config, model_lib.Bundle(bundle.graphdef, state.params), user_ids, item_ids,
+                meta["best_epoch"])
+
+
+def evaluate_test(loaded: Loaded) -> dict:
+  """Test metrics of the loaded model, exactly as train_and_evaluate computed them."""
+  from diffurec_jax import data as data_lib
+  dataset = data_lib.prepare(loaded.config.data)
+  if dataset.num_items != len(loaded.item_ids) - 1:
+    raise checkpoint_lib.CheckpointError(
+        f"The prepared data has {dataset.num_items} items but the model was trained on "
+        f"{len(loaded.item_ids) - 1}; the raw data changed since training.")
+  mesh = sharding.make_mesh()
+  result, _ = evaluate_lib.evaluate_split(loaded.bundle, dataset, "test", loaded.config, mesh)
+  return result
+
+
+def read_histories(path: str) -> tuple[list[str], list[list[str]]]:
+  """(users, item sequences) from a CSV/TSV/parquet long file or a JSONL file."""
+  if not os.path.exists(path):
+    raise InputError(f"Input file {path} does not exist.")
+  if path.endswith((".jsonl", ".json")):
+    users, sequences = [], []
+    with open(path) as f:
+      for number, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          row = json.loads(line)
+          users.append(str(row["user"]))
+          sequences.append([str(item) for item in row["items"]])
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+          raise InputError(f"{path} line {number} is not a JSON object with 'user' and "
+                           f"'items' ({error}).") from error
+  else:
+    if path.endswith(".parquet"):
+      frame = pl.read_parquet(path)
+    else:
+      frame = pl.read_csv(path, separator="\t" if path.endswith((".tsv", ".tab")) else ",",
+                          infer_schema=False)
+    missing = {"user", "item"} - set(frame.columns)
+    if missing:
+      raise InputError(f"{path} lacks column(s) {sorted(missing)}; found {frame.columns} "
+                       "(expected user, item[, timestamp]).")
+    frame = frame.with_row_index("_row")
+    order = ["user", "timestamp", "_row"] if "timestamp" in frame.columns else ["user", "_row"]
+    if "timestamp" in frame.columns:
+      frame = frame.with_columns(pl.col("timestamp").cast(pl.Float64, strict=False))
+    frame = frame.with_columns(pl.col("_row").min().over("user").alias("_first"))
+    frame = frame.sort(["_first"] + order, maintain_order=True)
+    grouped = frame.group_by("user", maintain_order=True).agg(
+        pl.col("item").cast(pl.String))
+    users = grouped["user"].cast(pl.String).to_list()
+    sequences = grouped["item"].to_list()
+  if not users:
+    raise InputError(f"Input file {path} holds no interactions.")
+  return users, sequences
+
+
+def recommend(loaded: Loaded, users: list[str], sequences: list[list[str]], *, topk: int,
+              batch_size: int = 256, progress: bool = True) -> tuple[pl.DataFrame, dict]:
+  """Top-K per user as a frame (user, rank, item, score, error) and counts of what was skipped."""
+  config = loaded.config
+  max_len = config.data.max_len
+  lookup = {item: index for index, item in enumerate(loaded.item_ids) if index > 0}
+  user_lookup = {user: index for index, user in enumerate(loaded.user_ids)}
+  encoded = [[lookup.get(item, 0) for item in sequence] for sequence in sequences]
+  unknown = sum(sum(1 for i in seq if i == 0) for seq in encoded)
+  encoded = [np.asarray([i for i in seq if i > 0], dtype=np.int32) for seq in encoded]
+  rows_ok = [k for k, seq in enumerate(encoded) if len(seq)]
+  topk = min(topk, len(loaded.item_ids) - 1)
+  flat = np.concatenate([encoded[k] for k in rows_ok]) if rows_ok else np.zeros(0, np.int32)
+  lengths = np.asarray([len(encoded[k]) for k in rows_ok], dtype=np.int64)
+  ends = np.cumsum(lengths)
+  examples = splits.Examples(
+      users=np.asarray([user_lookup.get(users[k], k) for k in rows_ok], dtype=np.int32),
+      starts=ends - lengths, ends=ends, targets=np.zeros(len(rows_ok), np.int32))
+  scorer = sample.make_scorer(config)
+
+  @jax.jit
+  def top_items(bundle, batch, key, schedule):
+    log_probs = scorer(bundle, batch["history"], batch["users"], key, schedule)
+    return jax.lax.top_k(log_probs, topk)
+
+  schedule = sample.sampling_schedule(config)
+  key = jax.random.key(config.sample.seed)
+  lengths_bucket = batches_lib.bucket_lengths(max_len, evaluate_lib.bucket_config(config))
+  plans = batches_lib.eval_plan(np.minimum(lengths, max_len), batch_size, lengths_bucket)
+  scores = np.zeros((len(rows_ok), topk), np.float32)
+  items = np.zeros((len(rows_ok), topk), np.int64)
+  for plan in tqdm(plans, desc="recommend", disable=not progress, leave=False):
+    batch = batches_lib.build(plan, examples, flat)
+    values, indices = jax.device_get(top_items(loaded.bundle, batch, key, schedule))
+    valid = plan.indices >= 0
+    scores[plan.indices[valid]] = values[valid]
+    items[plan.indices[valid]] = indices[valid]
+  records = {"user": [], "rank": [], "item": [], "score": [], "error": []}
+  position = {k: n for n, k in enumerate(rows_ok)}
+  for k, user in enumerate(users):
+    if k not in position:
+      _append(records, user, None, None, None, "no known item in history")
+      continue
+    for rank in range(topk):
+      row = position[k]
+      _append(records, user, rank + 1, str(loaded.item_ids[items[row, rank]]),
+              float(np.exp(scores[row, rank])), None)
+  counts = {"users": len(users), "users_without_known_items": len(users) - len(rows_ok),
+            "unknown_items_skipped": unknown}
+  if unknown or counts["users_without_known_items"]:
+    logging.warning("Skipped %d unknown item(s); %d user(s) had no known item.", unknown,
+                    counts["users_without_known_items"])
+  return pl.DataFrame(records, schema={"user": pl.String, "rank": pl.Int64, "item": pl.String,
+                                       "score": pl.Float64, "error": pl.String}), counts
+
+
+def _append(records, user, rank, item, score, error):
+  for name, value in zip(("user", "rank", "item", "score", "error"),
+                         (user, rank, item, score, error)):
+    records[name].append(value)
+
+
+def write_recommendations(frame: pl.DataFrame, path: str):
+  if path.endswith(".parquet"):
+    frame.write_parquet(path)
+  else:
+    frame.write_csv(path, separator="\t" if path.endswith((".tsv", ".tab")) else ",")

@@ -1,0 +1,149 @@
+"""DiffuRec / DiffuRecSys: the NNX module and the pure functions around it.
+
+Shapes: history [B, L] int32 (left-padded, 0 = padding, last column = most recent item),
+x_t [B, H], t [B] int32 (original training timestep), targets [B] int32, weights [B] float.
+
+The functional boundary: `Bundle(graphdef, params)` is a pytree whose graphdef is static,
+so `denoise(bundle, ...)`, `diffusion_loss(...)` and the samplers are pure functions that
+`nnx.merge` inside `jax.jit`, `vmap` and `lax.scan` without retracing.
+
+  e     = LayerNorm(Dropout_0.3(E[history] + P[recency]))    (positions optional)
+  d_t   = MLP(sinusoidal(t * 1000 / T))
+  x0_hat = Approximator(mix(e, lambda, x_t + d_t))[last position]
+  loss  = CE(x0_hat . E^T, target) over items 1..N (padding column excluded)
+"""
+
+from __future__ import annotations
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from diffurec_jax import approximator as approximator_lib
+from diffurec_jax import attention, mixing, schedule as schedule_lib
+
+
+@flax.struct.dataclass
+class Bundle:
+  """A model as a pytree: static graph definition + parameter state."""
+  graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
+  params: nnx.State
+
+
+def split(module: nnx.Module) -> Bundle:
+  graphdef, params = nnx.split(module)
+  return Bundle(graphdef, params)
+
+
+def merge(bundle: Bundle) -> nnx.Module:
+  return nnx.merge(bundle.graphdef, bundle.params)
+
+
+def recency_positions(length: int) -> jax.Array:
+  """[L] position index counted from the most recent item (last column = 0).
+
+  Counting from the end makes the result independent of how much left padding a batch has,
+  which is what lets length buckets reproduce the fully padded computation.
+  """
+  return jnp.arange(length - 1, -1, -1)
+
+
+class DiffuRec(nnx.Module):
+  """Item table, positions, step embedding and the approximator (DiffuRec or V1/V2)."""
+
+  def __init__(self, num_items: int, max_len: int, model_config, *, rngs: nnx.Rngs):
+    hidden = model_config.hidden
+    if model_config.mixing not in mixing.MIXINGS:
+      raise ValueError(f"model.mixing={model_config.mixing!r}; use one of {mixing.MIXINGS}.")
+    self.num_train_steps = model_config.diffusion_steps
+    self.mixing = model_config.mixing
+    self.lambda_mean = model_config.lambda_mean
+    self.lambda_std = model_config.lambda_std
+    self.emb_dropout = model_config.emb_dropout
+    self.item_embedding = nnx.Param(jax.random.normal(rngs.params(), (num_items + 1, hidden)))
+    self.position_embedding = (
+        nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, hidden)))
+        if model_config.position_embedding else None)
+    self.embedding_norm = nnx.LayerNorm(hidden, rngs=rngs)
+    self.step_inner = nnx.Linear(hidden, 4 * hidden, rngs=rngs)
+    self.step_outer = nnx.Linear(4 * hidden, hidden, rngs=rngs)
+    self.approximator = approximator_lib.Approximator(
+        hidden, model_config.num_blocks, model_config.num_heads, model_config.dropout,
+        cross_attention=model_config.mixing == "cross_attention",
+        mask_padding_keys=model_config.mask_padding_keys, causal=model_config.causal, rngs=rngs)
+
+  def embed_history(self, history, key=None):
+    """history [B, L] -> (e [B, L, H], key_mask [B, L] bool). Independent of x_t."""
+    e = self.item_embedding[...][history]
+    if self.position_embedding is not None:
+      e = e + self.position_embedding[...][recency_positions(history.shape[1])]
+    e = self.embedding_norm(attention.dropout(e, self.emb_dropout, key))
+    return e, history > 0
+
+  def step_embedding(self, t):
+    """t [B] original timesteps -> d_t [B, H]."""
+    hidden = self.step_inner.in_features
+    base = schedule_lib.sinusoidal_embedding(t, hidden, self.num_train_steps)
+    return self.step_outer(jax.nn.silu(self.step_inner(base)))
+
+  def draw_lambdas(self, key, shape):
+    """lambda ~ N(lambda_mean, lambda_std) of `shape` [B, L, H]."""
+    return mixing.draw_lambda(key, shape, self.lambda_mean, self.lambda_std)
+
+  def approximate(self, e, key_mask, x_t, t, lambdas, dropout_key=None):
+    """x0_hat [B, H] from the embedded history e [B, L, H], x_t [B, H], lambdas [B, L, H]."""
+    d_t = self.step_embedding(t)
+    if self.mixing == "add":
+      h, target = mixing.additive(e, x_t, d_t, lambdas), None
+    else:
+      h, target = e, mixing.target_stream(x_t, d_t, lambdas)
+    out = self.approximator(h, key_mask, target, last_only=True, key=dropout_key)
+    return out[:, -1]
+
+
+def item_table(bundle: Bundle) -> jax.Array:
+  """[N+1, H] item embedding table (row 0 = padding)."""
+  return bundle.params["item_embedding"][...]
+
+
+def score(x0, table) -> jax.Array:
+  """Rounding: x0 [..., H] . table[N+1, H]^T -> [..., N+1], padding column at -inf."""
+  scores = jnp.einsum("...h,nh->...n", x0, table.astype(x0.dtype)).astype(jnp.float32)
+  return scores.at[..., 0].set(-jnp.inf)
+
+
+def denoise(bundle: Bundle, history, x_t, t, rng, train: bool = False):
+  """x0_hat [B, H] = f_theta(history, x_t, t); dropout only when `train`."""
+  model = merge(bundle)
+  lambda_key, embed_key, block_key = jax.random.split(rng, 3)
+  e, key_mask = model.embed_history(history, embed_key if train else None)
+  lambdas = model.draw_lambdas(lambda_key, e.shape)
+  return model.approximate(e, key_mask, x_t, t, lambdas, block_key if train else None)
+
+
+def weighted_cross_entropy(logits, targets, weights):
+  """Mean over weighted rows of softmax CE; logits [B, N+1] (padding at -inf)."""
+  # Padded rows (weight 0) may carry label 0, whose logit is -inf: never let it reach the sum.
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(targets, 1))
+  return jnp.sum(jnp.where(weights > 0, losses, 0.0)) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def diffusion_loss(params, graphdef, batch, rng, schedule, noise_config):
+  """Algorithm 1: one CE loss on a batch {history [B, L], targets [B], weights [B]}.
+
+  `noise_config` = (mode, delta_c, scale) for the offset noise of the forward process.
+  """
+  bundle = Bundle(graphdef, params)
+  t_key, noise_key, model_key = jax.random.split(rng, 3)
+  targets = batch["targets"]
+  batch_size = targets.shape[0]
+  table = item_table(bundle)
+  x0 = table[targets]
+  t = jax.random.randint(t_key, (batch_size,), 0, schedule.betas.shape[0])
+  mode, delta_c, scale = noise_config
+  eps = schedule_lib.training_noise(noise_key, x0.shape, mode, delta_c, scale)
+  x_t = schedule_lib.q_sample(schedule, x0, t, eps)
+  x0_hat = denoise(bundle, batch["history"], x_t, schedule.timesteps[t], model_key, train=True)
+  return weighted_cross_entropy(score(x0_hat, table), targets, batch["weights"])

@@ -1,0 +1,59 @@
+"""SASRec trained with full softmax cross-entropy: the honest baseline.
+
+Causal self-attention over the history with learned positions (counted from the most recent
+item), trained on every position of each user's training sequence against all items; scored
+at the last position with the shared item table, in the same evaluator as DiffuRec.
+
+Shapes: history [B, L] int32 left-padded, next_items [B, L] int32 (0 = no target).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from diffurec_jax import approximator as approximator_lib
+from diffurec_jax import attention
+from diffurec_jax import model as model_lib
+
+
+class SASRec(nnx.Module):
+
+  def __init__(self, num_items: int, max_len: int, model_config, *, rngs: nnx.Rngs):
+    hidden = model_config.hidden
+    self.emb_dropout = model_config.emb_dropout
+    self.item_embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(),
+                                                             (num_items + 1, hidden)))
+    self.position_embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(),
+                                                                 (max_len, hidden)))
+    self.embedding_norm = nnx.LayerNorm(hidden, rngs=rngs)
+    self.approximator = approximator_lib.Approximator(
+        hidden, model_config.num_blocks, model_config.num_heads, model_config.dropout,
+        cross_attention=False, mask_padding_keys=True, causal=True, rngs=rngs)
+
+  def __call__(self, history, *, last_only: bool, key=None):
+    """history [B, L] -> hidden states [B, L or 1, H]."""
+    embed_key, block_key = attention.split_key(key, 2)
+    e = self.item_embedding[...][history]
+    e = e + self.position_embedding[...][model_lib.recency_positions(history.shape[1])]
+    e = attention.dropout(self.embedding_norm(e), self.emb_dropout, embed_key)
+    return self.approximator(e, history > 0, None, last_only=last_only, key=block_key)
+
+
+def sequence_loss(params, graphdef, batch, rng):
+  """CE at every position: batch {history [B, L], next_items [B, L], weights [B]}."""
+  bundle = model_lib.Bundle(graphdef, params)
+  hidden = model_lib.merge(bundle)(batch["history"], last_only=False, key=rng)
+  logits = model_lib.score(hidden, model_lib.item_table(bundle))
+  targets = batch["next_items"]
+  valid = (targets > 0) * batch["weights"][:, None]
+  # Padding labels would hit the -inf column: give them item 1 and weight 0.
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(targets, 1))
+  return jnp.sum(jnp.where(valid > 0, losses, 0.0)) / jnp.maximum(jnp.sum(valid), 1.0)
+
+
+def last_hidden(bundle, history):
+  """Evaluation: [B, H] representation of the next item."""
+  return model_lib.merge(bundle)(history, last_only=True)[:, -1]

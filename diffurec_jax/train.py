@@ -1,0 +1,246 @@
+"""Training and model selection: `train_and_evaluate(config, workdir)`.
+
+One jitted train step (state donated, fixed shapes per length bucket, per-step RNG by
+`fold_in(key, step)`), Adam with L2 weight decay and a step learning-rate decay, validation
+every `eval_every` epochs with early stopping on the validation metric, the best checkpoint
+tested once at the end. A rerun on the same workdir resumes from the latest checkpoint; a
+finished run says so and returns its results.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from diffurec_jax import batches as batches_lib
+from diffurec_jax import checkpoint as checkpoint_lib
+from diffurec_jax import config as config_lib
+from diffurec_jax import data as data_lib
+from diffurec_jax import evaluate as evaluate_lib
+from diffurec_jax import model as model_lib
+from diffurec_jax import sasrec as sasrec_lib
+from diffurec_jax import schedule as schedule_lib
+from diffurec_jax import sharding
+from diffurec_jax import workdir as workdir_lib
+from diffurec_jax.data import splits
+
+RESULT_KEYS = ("hit@5", "hit@10", "hit@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr@10")
+
+
+@flax.struct.dataclass
+class TrainState:
+  params: nnx.State
+  opt_state: optax.OptState
+  step: jax.Array
+
+
+def init_model(config, num_items: int) -> model_lib.Bundle:
+  """Fresh parameters for the configured variant, seeded by config.seed."""
+  if config.variant not in config_lib.VARIANTS:
+    raise ValueError(f"variant={config.variant!r}; use one of {config_lib.VARIANTS}.")
+  rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(config.seed), 0))
+  module_class = sasrec_lib.SASRec if config.variant == "sasrec" else model_lib.DiffuRec
+  return model_lib.split(module_class(num_items, config.data.max_len, config.model, rngs=rngs))
+
+
+def make_optimizer(train_config, steps_per_epoch: int) -> optax.GradientTransformation:
+  """Adam + L2 weight decay added to the gradient (as torch Adam), step lr decay by epoch."""
+  learning_rate = train_config.learning_rate
+  if train_config.lr_decay_epochs:
+    learning_rate = optax.exponential_decay(
+        learning_rate, transition_steps=train_config.lr_decay_epochs * steps_per_epoch,
+        decay_rate=train_config.lr_decay_rate, staircase=True)
+  parts = []
+  if train_config.grad_clip:
+    parts.append(optax.clip_by_global_norm(train_config.grad_clip))
+  if train_config.weight_decay:
+    parts.append(optax.add_decayed_weights(train_config.weight_decay))
+  parts += [optax.scale_by_adam(), optax.scale_by_learning_rate(learning_rate)]
+  return optax.chain(*parts)
+
+
+def training_setup(config, dataset):
+  """(examples, loss_fn(params, graphdef, batch, rng, schedule), needs next_items)."""
+  if config.variant == "sasrec":
+    loss = lambda params, graphdef, batch, rng, schedule: sasrec_lib.sequence_loss(
+        params, graphdef, batch, rng)
+    return batches_lib.sequence_examples(dataset), loss, True
+  noise = config.offset_noise
+  loss = functools.partial(model_lib.diffusion_loss,
+                           noise_config=(noise.mode, noise.delta_c, noise.scale))
+  wrapped = lambda params, graphdef, batch, rng, schedule: loss(params, graphdef, batch, rng,
+                                                                schedule)
+  return splits.training_examples(dataset), wrapped, False
+
+
+def make_train_step(loss_fn, graphdef, tx):
+  """jit(state, batch, key, schedule) -> (state, loss); the state buffer is donated."""
+
+  def train_step(state: TrainState, batch, key, schedule):
+    rng = jax.random.fold_in(key, state.step)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, graphdef, batch, rng, schedule)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(params, opt_state, state.step + 1), loss
+
+  return jax.jit(train_step, donate_argnums=0)
+
+
+def _check_finite(losses, first_step: int, epoch: int, checkpoints):
+  values = np.asarray(jax.device_get(losses), dtype=np.float64)
+  bad = np.flatnonzero(~np.isfinite(values))
+  if bad.size:
+    step = first_step + int(bad[0]) + 1
+    last = checkpoints.latest.latest_step()
+    where = f"epoch {last} in {checkpoints.directory}/latest" if last is not None else "none yet"
+    raise FloatingPointError(
+        f"The training loss is {values[bad[0]]} at step {step} (epoch {epoch}); last good "
+        f"checkpoint: {where}. Lower train.learning_rate or set train.grad_clip.")
+  return values
+
+
+def train_and_evaluate(config, workdir: str, *, stop_after_epochs: int | None = None,
+                       progress: bool = True) -> dict | None:
+  """Trains, selects on validation, tests the best checkpoint once; returns results.json.
+
+  `stop_after_epochs` ends this call after that many epochs without finishing the run (as a
+  kill would): rerunning resumes. Returns None in that case.
+  """
+  main = sharding.is_main_process()
+  workdir_lib.check_or_write_config(workdir, config, write=main)
+  finished = workdir_lib.read_json(workdir, "results.json")
+  if finished is not None:
+    logging.info("%s is finished (results.json exists); nothing to do.", workdir)
+    print(f"{workdir}: run already finished; results in {workdir}/results.json")
+    return finished
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(config.train.batch_size, mesh)
+  sharding.check_batch_size(config.train.eval_batch_size, mesh, "train.eval_batch_size")
+  dataset = data_lib.prepare(config.data)
+  if main:
+    workdir_lib.save_id_map(workdir, dataset)
+  log = workdir_lib.MetricsLog(workdir, main)
+
+  examples, loss_fn, next_items = training_setup(config, dataset)
+  lengths = batches_lib.bucket_lengths(config.data.max_len, evaluate_lib.bucket_config(config))
+  history_lengths = (examples.ends - examples.starts).astype(np.int64)
+  plan_for = lambda epoch: batches_lib.epoch_plan(
+      history_lengths, config.train.batch_size, lengths, config.seed, epoch,
+      config.train.max_steps_per_epoch)
+  steps_per_epoch = len(plan_for(1))
+  tx = make_optimizer(config.train, steps_per_epoch)
+  bundle = init_model(config, dataset.num_items)
+  state = TrainState(bundle.params, tx.init(bundle.params), jnp.zeros((), jnp.int32))
+  checkpoints = checkpoint_lib.Checkpoints(workdir, config.train.keep_checkpoints)
+  meta = {"epoch": 0, "best_epoch": 0, "best_metric": -math.inf, "bad_evals": 0}
+  restored = checkpoints.restore("latest", state)
+  if restored is not None:
+    state, meta = restored
+    logging.info("Resuming %s from epoch %d.", workdir, meta["epoch"])
+    print(f"resuming from epoch {meta['epoch']} (step {int(state.step)})")
+  state = sharding.replicate(state, mesh)
+  schedule = schedule_lib.make_schedule(config.model.schedule, config.model.diffusion_steps)
+  train_step = make_train_step(loss_fn, bundle.graphdef, tx)
+  eval_step = evaluate_lib.make_eval_step(config)
+  train_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  metric = config.train.valid_metric
+
+  epochs_run = 0
+  epoch = meta["epoch"]
+  stopped = meta.get("stopped", False)
+  while epoch < config.train.num_epochs and not stopped:
+    if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
+      checkpoints.close()
+      return None
+    epoch += 1
+    start, first_step = time.time(), int(state.step)
+    losses, count = [], 0
+    bar = tqdm(plan_for(epoch), desc=f"epoch {epoch}", disable=not (progress and main),
+               leave=False)
+    for plan in bar:
+      batch = batches_lib.build(plan, examples, dataset.items, next_items=next_items)
+      count += int((plan.indices >= 0).sum())
+      state, loss = train_step(state, sharding.shard_batch(batch, mesh), train_key, schedule)
+      losses.append(loss)
+      if len(losses) % 50 == 0:
+        bar.set_postfix(loss=f"{float(loss):.4f}")
+    values = _check_finite(jnp.stack(losses), first_step, epoch, checkpoints)
+    seconds = time.time() - start
+    record = {"epoch": epoch, "step": int(state.step), "split": "train",
+              "loss": float(values.mean()), "seconds": round(seconds, 3),
+              "examples_per_s": round(count / max(seconds, 1e-9), 1)}
+    log.write(**record)
+    summary = f"epoch {epoch:3d} loss {record['loss']:.4f} ({record['examples_per_s']:.0f} ex/s)"
+
+    if epoch % config.train.eval_every == 0 or epoch == config.train.num_epochs:
+      bundle = model_lib.Bundle(bundle.graphdef, state.params)
+      valid, _ = evaluate_lib.evaluate_split(bundle, dataset, "valid", config, mesh, eval_step,
+                                             progress=progress and main)
+      log.write(epoch=epoch, step=int(state.step), split="valid", **valid)
+      improved = valid[metric] > meta["best_metric"]
+      if improved:
+        meta.update(best_epoch=epoch, best_metric=valid[metric], bad_evals=0)
+      else:
+        meta["bad_evals"] += 1
+      patience = config.train.patience
+      stopped = bool(patience and meta["bad_evals"] >= patience)
+      meta.update(epoch=epoch, stopped=stopped)
+      checkpoints.save(epoch, state, meta, best=improved)
+      summary += (f" | valid {metric} {valid[metric]:.4f} hit@10 {valid['hit@10']:.4f}"
+                  f" (best {meta['best_metric']:.4f} @ {meta['best_epoch']})")
+    print(summary, flush=True)
+    epochs_run += 1
+
+  meta["epoch"] = epoch
+  results = _test_best(config, workdir, bundle, state, dataset, mesh, eval_step, checkpoints,
+                       meta, log, progress and main)
+  checkpoints.close()
+  return results
+
+
+def _test_best(config, workdir, bundle, state, dataset, mesh, eval_step, checkpoints, meta,
+               log, progress):
+  """Restores the best-on-validation checkpoint and evaluates the test split once."""
+  if checkpoints.best.latest_step() is None:
+    raise checkpoint_lib.CheckpointError(
+        f"No validated checkpoint in {checkpoints.directory}/best; set train.eval_every so at "
+        "least one validation runs.")
+  state, best_meta = checkpoints.restore("best", state)
+  best = model_lib.Bundle(bundle.graphdef, state.params)
+  valid = _valid_record(log, best_meta["best_epoch"])
+  test, per_user = evaluate_lib.evaluate_split(best, dataset, "test", config, mesh, eval_step,
+                                               progress=progress)
+  log.write(epoch=best_meta["best_epoch"], split="test", **test)
+  results = {
+      "best_epoch": best_meta["best_epoch"],
+      "valid": {k: valid[k] for k in RESULT_KEYS if k in valid},
+      "test": {k: test[k] for k in RESULT_KEYS},
+      "test_all": test, "valid_all": valid,
+      "epochs_run": meta["epoch"], "variant": config.variant, "dataset": config.data.name,
+      "mask_history": bool(config.train.mask_history), "sampler": config.sample.sampler,
+      "sample_steps": config.sample.steps or config.model.diffusion_steps,
+      "sample_seeds": config.sample.seeds, "seed": config.seed,
+  }
+  if sharding.is_main_process():
+    np.savez(f"{workdir}/test_ranks.npz", **{k: np.asarray(v) for k, v in per_user.items()})
+    workdir_lib.write_json(workdir, "results.json", results)
+  print("test " + " ".join(f"{k} {v:.4f}" for k, v in results["test"].items())
+        + f" (best epoch {results['best_epoch']}, history masked: {results['mask_history']})")
+  return results
+
+
+def _valid_record(log, epoch):
+  for record in reversed(log.read()):
+    if record.get("split") == "valid" and record.get("epoch") == epoch:
+      return record
+  return {}
