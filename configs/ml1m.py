@@ -12,6 +12,7 @@ def get_config(arg=None):
   config.data.name = "ml-1m"
   config.data.item_core = 0
   config = config_lib.apply_presets(config, arg)
-  if "smoke" not in (arg or ""):
+  presets = set((arg or "").split(","))
+  if not presets & {"smoke", "upstream"}:  # Those fix their own max_len.
     config.data.max_len = 200  # ML-1M histories are long (median 96).
   return config

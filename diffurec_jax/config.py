@@ -74,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   train.valid_metric = "ndcg@10"  # Checkpoint selection metric (validation only).
   train.keep_checkpoints = 2  # Latest checkpoints kept, besides the best.
   train.max_steps_per_epoch = 0  # Cap on steps per epoch (0 = full epoch); for smoke runs.
-  train.length_buckets = (8, 16, 32)  # Extra padded lengths below max_len (needs masked keys).
+  train.length_buckets = (4, 8, 16, 32)  # Extra padded lengths below max_len (needs masked keys).
   train.mask_history = False  # Evaluation: exclude the user's history items from ranking.
 
   sample = config.sample = ml_collections.ConfigDict()

@@ -1,0 +1,141 @@
+"""The report's PNG figures (matplotlib, no display needed) and the t-SNE of reconstructions.
+
+Figures are drawn on `matplotlib.figure.Figure` objects (Agg canvas), never through pyplot's
+global state. The t-SNE follows the DiffuRecSys paper's Figure 3: the reconstructed target
+representation x0 of each sampled test user (the first chain of the evaluation, same noise
+keys), embedded in 2-D and coloured by a KMeans clustering of x0 itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def _save(figure: Figure, path: str):
+  FigureCanvasAgg(figure)
+  figure.tight_layout()
+  figure.savefig(path, dpi=110)
+
+
+def _colors(names):
+  palette = [f"C{i}" for i in range(10)]
+  return {name: palette[i % len(palette)] for i, name in enumerate(names)}
+
+
+def learning_curves(curves: dict, path: str):
+  """curves: {variant: [{'seed', 'epochs', 'loss', 'valid_epochs', 'valid_ndcg@10'}]}."""
+  figure = Figure(figsize=(11, 4))
+  loss_axis, valid_axis = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+  colors = _colors(curves)
+  for name, runs in curves.items():
+    for run in runs:
+      style = dict(color=colors[name], linestyle=LINESTYLES[run["seed"] % len(LINESTYLES)],
+                   marker="o", markersize=3, label=f"{name} seed {run['seed']}")
+      if run["epochs"]:
+        loss_axis.plot(run["epochs"], run["loss"], **style)
+      if run["valid_epochs"]:
+        valid_axis.plot(run["valid_epochs"], run["valid_ndcg@10"], **style)
+  loss_axis.set(title="training loss", xlabel="epoch", ylabel="cross-entropy")
+  valid_axis.set(title="validation NDCG@10", xlabel="epoch", ylabel="NDCG@10")
+  valid_axis.legend(fontsize=7, loc="best")
+  _save(figure, path)
+
+
+def grouped_bars(axis, labels, series: dict, ylabel: str):
+  """One group of bars per label, one bar per series; None values are drawn as gaps."""
+  width = 0.8 / max(len(series), 1)
+  positions = np.arange(len(labels))
+  colors = _colors(series)
+  for index, (name, values) in enumerate(series.items()):
+    heights = [np.nan if value is None else value for value in values]
+    axis.bar(positions + (index - (len(series) - 1) / 2) * width, heights, width,
+             label=name, color=colors[name])
+  axis.set_xticks(positions, labels, fontsize=8)
+  axis.set_ylabel(ylabel)
+
+
+def head_tail_bars(head_tail: dict, path: str):
+  """head_tail: {variant: {'head': {'hit@10', 'ndcg@10'}, 'tail': {...}}}."""
+  figure = Figure(figsize=(11, 4))
+  names = list(head_tail)
+  for index, key in enumerate(("hit@10", "ndcg@10")):
+    axis = figure.add_subplot(1, 2, index + 1)
+    series = {group: [head_tail[name][group][key] for name in names] for group in ("head", "tail")}
+    grouped_bars(axis, names, series, f"test {key}")
+    axis.set_title(f"{key}: head (top 20% items) vs tail")
+    axis.legend(fontsize=8)
+  _save(figure, path)
+
+
+def length_group_bars(groups: dict, labels: list[str], path: str):
+  """groups: {variant: [{'hit@10', 'ndcg@10'} per length group]}; labels name the groups."""
+  figure = Figure(figsize=(11, 4))
+  for index, key in enumerate(("hit@10", "ndcg@10")):
+    axis = figure.add_subplot(1, 2, index + 1)
+    series = {name: [group[key] for group in per_group] for name, per_group in groups.items()}
+    grouped_bars(axis, labels, series, f"test {key}")
+    axis.set(title=f"{key} by history length (quintile groups)", xlabel="history length")
+    axis.legend(fontsize=7)
+  _save(figure, path)
+
+
+def reconstruct_targets(workdir: str, max_users: int = 500, seed: int = 0):
+  """(users [n], x0 [n, H]) of up to `max_users` test users (a seeded random sample) of the
+  trained diffusion run in `workdir`: the evaluation's first chain, same noise keys."""
+  import jax
+
+  from diffurec_jax import data as data_lib
+  from diffurec_jax import infer, sample
+  from diffurec_jax import model as model_lib
+  from diffurec_jax.data import splits
+  loaded = infer.load(workdir)
+  config = loaded.config
+  dataset = data_lib.prepare(config.data)
+  examples = splits.eval_examples(dataset, "test")
+  rng = np.random.default_rng(seed)
+  chosen = np.sort(rng.choice(len(examples), size=min(max_users, len(examples)), replace=False))
+  examples = examples.take(chosen)
+  history = splits.gather_histories(dataset.items, examples.starts, examples.ends,
+                                    config.data.max_len)
+
+  @jax.jit
+  def chains(bundle, history, users, key, schedule):
+    model = model_lib.merge(bundle)
+    e, key_mask = model.embed_history(history)
+    seed_key = jax.random.fold_in(key, 0)  # Ensemble member 0, as in evaluation.
+    user_keys = jax.vmap(lambda user: jax.random.fold_in(seed_key, user))(users)
+    return sample.run_chain(model, e, key_mask, history, user_keys, schedule,
+                            sampler=config.sample.sampler, variance=config.model.reverse_variance,
+                            eta=config.sample.eta)
+
+  x0 = chains(loaded.bundle, history, examples.users.astype(np.int32),
+              jax.random.key(config.sample.seed), sample.sampling_schedule(config))
+  return examples.users, np.asarray(jax.device_get(x0), dtype=np.float64)
+
+
+def tsne_clusters(x0, clusters: int = 5, seed: int = 0):
+  """(coords [n, 2] t-SNE of x0, labels [n] KMeans(k) clusters of x0 itself)."""
+  from sklearn.cluster import KMeans
+  from sklearn.manifold import TSNE
+  count = len(x0)
+  labels = KMeans(n_clusters=min(clusters, count), n_init=10, random_state=seed).fit_predict(x0)
+  perplexity = float(min(30.0, max(1.0, (count - 1) / 3)))
+  coords = TSNE(n_components=2, perplexity=perplexity, init="pca",
+                random_state=seed).fit_transform(x0)
+  return coords, labels
+
+
+def tsne_plot(coords, labels, title: str, path: str):
+  figure = Figure(figsize=(6, 5.5))
+  axis = figure.add_subplot(1, 1, 1)
+  for cluster in np.unique(labels):
+    points = coords[labels == cluster]
+    axis.scatter(points[:, 0], points[:, 1], s=8, color=f"C{cluster}",
+                 label=f"cluster {cluster} ({len(points)})")
+  axis.set(title=title, xticks=[], yticks=[])
+  axis.legend(fontsize=7, markerscale=2)
+  _save(figure, path)

@@ -1,0 +1,138 @@
+"""The trainer: bin/train.py end to end, kill-and-resume, model selection, bad runs.
+
+The end-to-end test reads the session's one real `bin/train.py` run (helpers_train); the
+library tests call `train_and_evaluate` in this process, where the compilation cache makes
+the same tiny config cost a few seconds per run.
+"""
+
+import json
+import math
+import time
+
+import pytest
+
+import helpers_train as helpers
+from helpers_train import trained_run, trained_workdir  # noqa: F401  (fixtures)
+
+from diffurec_jax import train
+
+
+# The end-to-end run -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_entrypoint_writes_the_run(trained_run):
+  result, workdir = trained_run.result, trained_run.workdir
+  assert result.returncode == 0, result.stderr[-4000:]
+  for name in ("config.json", "metrics.jsonl", "id_map.npz", "results.json", "test_ranks.npz"):
+    assert (workdir / name).is_file(), name
+  config = helpers.read_json(workdir / "config.json")
+  assert config["model"]["hidden"] == 16 and config["train"]["num_epochs"] == 2
+  assert [p.name for p in (workdir / "checkpoints" / "latest").iterdir()] != []
+  assert len(list((workdir / "checkpoints" / "best").iterdir())) == 1
+
+  records = helpers.read_jsonl(workdir / "metrics.jsonl")
+  for record in records:
+    assert {"epoch", "split"} <= set(record), record
+    assert record["split"] == "test" or "step" in record, record
+  train_lines = [r for r in records if r["split"] == "train"]
+  valid_lines = [r for r in records if r["split"] == "valid"]
+  assert [r["epoch"] for r in train_lines] == [1, 2]
+  assert [r["step"] for r in train_lines] == [4, 8]  # max_steps_per_epoch = 4.
+  assert all(math.isfinite(r["loss"]) for r in train_lines)
+  assert [r["epoch"] for r in valid_lines] == [1, 2]
+  assert all(0.0 <= r["ndcg@10"] <= 1.0 for r in valid_lines)
+
+  results = helpers.read_json(workdir / "results.json")
+  assert results["best_epoch"] in (1, 2)
+  for split in ("valid", "test"):
+    assert set(results[split]) == set(helpers.RESULT_KEYS)
+    assert all(0.0 <= value <= 1.0 for value in results[split].values()), results[split]
+  assert results["test"]["hit@5"] <= results["test"]["hit@10"] <= results["test"]["hit@20"]
+  assert "test hit@5" in result.stdout  # The one-line test summary.
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_run_says_so(trained_workdir, trained_run, data_root):
+  before = {name: (trained_workdir / name).read_bytes()
+            for name in ("metrics.jsonl", "results.json")}
+  start = time.time()
+  result = helpers.run_bin("train.py", *trained_run.flags, data_root=data_root)
+  seconds = time.time() - start
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "already finished" in result.stdout
+  assert seconds < 30  # No data preparation and no compilation: only the imports.
+  assert {name: (trained_workdir / name).read_bytes() for name in before} == before
+
+
+def test_selection_on_validation_and_single_test(trained_workdir):
+  helpers.assert_selection_consistent(trained_workdir)
+
+
+# Resume and early stopping (library, in process) --------------------------------------------
+
+
+def _results_core(results: dict) -> dict:
+  return {k: results[k] for k in ("best_epoch", "valid", "test", "epochs_run")}
+
+
+def test_resume_after_kill_equals_uninterrupted_run(data_root, tmp_path, capsys):
+  config = helpers.tiny_config(data_root)
+  uninterrupted = train.train_and_evaluate(config, str(tmp_path / "a"), progress=False)
+
+  killed = tmp_path / "b"
+  assert train.train_and_evaluate(config, str(killed), stop_after_epochs=1,
+                                  progress=False) is None
+  assert (killed / "checkpoints" / "latest" / "1").is_dir()
+  assert not (killed / "results.json").exists()
+  capsys.readouterr()
+  resumed = train.train_and_evaluate(config, str(killed), progress=False)
+  assert "resuming from epoch 1 (step 4)" in capsys.readouterr().out
+
+  assert _results_core(resumed) == _results_core(uninterrupted)
+  on_disk = {name: _results_core(helpers.read_json(tmp_path / name / "results.json"))
+             for name in ("a", "b")}
+  assert on_disk["b"] == on_disk["a"]
+  losses = {name: [(r["epoch"], r["step"], r["loss"])
+                   for r in helpers.read_jsonl(tmp_path / name / "metrics.jsonl")
+                   if r["split"] == "train"]
+            for name in ("a", "b")}
+  assert losses["b"] == losses["a"]  # Epoch 2 after the resume included, logged once each.
+  helpers.assert_selection_consistent(killed)
+
+
+def test_early_stopping_when_validation_stops_improving(data_root, tmp_path):
+  # learning_rate 0 keeps the parameters, so validation repeats exactly and cannot improve:
+  # with patience 1 the run stops after its second evaluation, whatever the data.
+  config = helpers.tiny_config(data_root, {"train.learning_rate": 0.0, "train.patience": 1,
+                                           "train.eval_every": 1, "train.num_epochs": 4})
+  results = train.train_and_evaluate(config, str(tmp_path), progress=False)
+  records = helpers.read_jsonl(tmp_path / "metrics.jsonl")
+  assert [r["epoch"] for r in records if r["split"] == "train"] == [1, 2]
+  valid = [r for r in records if r["split"] == "valid"]
+  assert [r["epoch"] for r in valid] == [1, 2]
+  assert valid[0]["ndcg@10"] == valid[1]["ndcg@10"]
+  assert results["best_epoch"] == 1 and results["epochs_run"] == 2
+  helpers.assert_selection_consistent(tmp_path)
+
+
+# Bad runs: one `error:` line, exit status 2 ------------------------------------------------
+
+
+def test_changed_config_on_existing_workdir_is_refused(trained_workdir, data_root, tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_bytes((trained_workdir / "config.json").read_bytes())
+  result = helpers.run_bin("train.py", *helpers.cli_flags({"model.hidden": 32}),
+                           "--workdir", str(workdir), data_root=data_root)
+  helpers.assert_user_error(result, "different config", "model.hidden")
+  assert json.loads((workdir / "config.json").read_text())["model"]["hidden"] == 16
+
+
+def test_non_finite_loss_names_the_step(data_root, tmp_path):
+  flags = helpers.cli_flags({"train.learning_rate": 1e30, "train.num_epochs": 1,
+                             "train.max_steps_per_epoch": 2})
+  result = helpers.run_bin("train.py", *flags, "--workdir", str(tmp_path / "run"),
+                           data_root=data_root)
+  helpers.assert_user_error(result, "at step 2", "train.learning_rate")
+  assert not (tmp_path / "run" / "results.json").exists()
