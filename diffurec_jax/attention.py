@@ -56,7 +56,9 @@ class MultiHeadAttention(nnx.Module):
     self.num_heads = num_heads
     self.dropout_rate = dropout_rate
     self.query = nnx.Linear(hidden, hidden, rngs=rngs)
-    self.key = nnx.Linear(hidden, hidden, rngs=rngs)
+    # No key bias: softmax over keys is invariant to it, so its gradient is pure rounding noise
+    # that Adam would amplify into steps.
+    self.key = nnx.Linear(hidden, hidden, use_bias=False, rngs=rngs)
     self.value = nnx.Linear(hidden, hidden, rngs=rngs)
     self.out = nnx.Linear(hidden, hidden, kernel_init=nnx.initializers.xavier_normal(), rngs=rngs)
 

@@ -14,6 +14,10 @@ def setup():
   """Quiet library logging; jax.distributed.initialize() in a multi-host environment."""
   from absl import logging
   import jax
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # Reruns skip recompiling.
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                         "diffurec_jax", "xla")
+    jax.config.update("jax_compilation_cache_dir", cache)
   if logging.get_verbosity() <= logging.INFO and "-v" not in " ".join(sys.argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint operation at INFO.
   if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS", "1") != "1":

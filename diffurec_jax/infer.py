@@ -87,6 +87,8 @@ def read_histories(path: str) -> tuple[list[str], list[list[str]]]:
   """(users, item sequences) from a CSV/TSV/parquet long file or a JSONL file."""
   if not os.path.exists(path):
     raise InputError(f"Input file {path} does not exist.")
+  if os.path.getsize(path) == 0:
+    raise InputError(f"Input file {path} holds no interactions (it is empty).")
   if path.endswith((".jsonl", ".json")):
     users, sequences = [], []
     with open(path) as f:

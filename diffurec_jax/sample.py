@@ -10,8 +10,9 @@ Design for speed: the history embedding is computed once per batch (it does not 
 x_t), the chain is one `lax.scan`, seeds are a `vmap` inside the same jit (history work is
 shared), and scoring against the item table happens once at the end.
 
-Randomness is keyed per user (`fold_in(seed key, user)`), so a user's recommendations do not
-depend on batch size, batch composition or device count.
+Randomness is keyed per user (`fold_in(seed key, user)`), and lambda also per reverse step and
+recency position, so a user's recommendations do not depend on batch size, batch composition,
+length bucket or device count.
 """
 
 from __future__ import annotations
@@ -47,9 +48,14 @@ def run_chain(model, e, key_mask, history, user_keys, schedule, *, sampler, vari
   batch, length, hidden = e.shape
   num_kept = schedule.betas.shape[0]
 
+  recency = model_lib.recency_positions(length)
+
   def lambdas_at(step):
+    # Keyed by (user, step, recency position): independent of the padded length L.
     keys = jax.vmap(lambda key: jax.random.fold_in(key, 2 * step + 1))(user_keys)
-    return model.lambda_mean + model.lambda_std * user_normal(keys, (length, hidden))
+    per_position = lambda key: user_normal(
+        jax.vmap(lambda r: jax.random.fold_in(key, r))(recency), (hidden,))
+    return model.lambda_mean + model.lambda_std * jax.vmap(per_position)(keys)
 
   def noise_at(step):
     keys = jax.vmap(lambda key: jax.random.fold_in(key, 2 * step + 2))(user_keys)

@@ -130,14 +130,15 @@ def machine() -> dict:
 
 def steps_curve(workdir: str, ks=(1, 2, 4, 8, 16, 32), samplers=CURVE_SAMPLERS, seeds: int = 3,
                 split: str = "test", max_users: int = 0, eta: float = 0.0,
-                progress: bool = True, one_step: bool = True) -> dict:
+                progress: bool = True, one_step: bool = True, keep_ranks: bool = False) -> dict:
   """Metrics and users/s of `workdir`'s best checkpoint for every sampler and K.
 
   Each (sampler, K) runs `seeds` single chains (sample.seed = 0..seeds-1, sample.seeds = 1);
   rows hold the mean and std (ddof = 1) over seeds of ndcg@10 and hit@10, the mean of every
   metric, the per-seed metrics, and the median users/s. K > diffusion_steps is skipped with a
   note. With `one_step` (or 'one_step' in samplers) one reference row of Algorithm 3's start
-  (a single approximator call, K = None) is added.
+  (a single approximator call, K = None) is added. With `keep_ranks` every row also holds
+  'ranks', int64 [seeds, n_users] in the order of the result's 'users' (not written to JSON).
   """
   samplers = tuple(dict.fromkeys(samplers))
   _check_arguments(list(ks), samplers, seeds, split, max_users, eta)
@@ -182,18 +183,21 @@ def steps_curve(workdir: str, ks=(1, 2, 4, 8, 16, 32), samplers=CURVE_SAMPLERS, 
     eval_step = evaluate_lib.make_eval_step(run_config)
     schedule = sample.sampling_schedule(run_config)
     compile_s = warm_up(eval_step, loaded.bundle, batches, jax.random.key(0), schedule)
-    per_seed, rates = [], []
+    per_seed, rates, ranks = [], [], []
     for seed in range(seeds):
-      result, _, seconds = evaluate_batches(eval_step, loaded.bundle, batches,
-                                            jax.random.key(seed), schedule)
+      result, seed_ranks, seconds = evaluate_batches(eval_step, loaded.bundle, batches,
+                                                     jax.random.key(seed), schedule)
       result["seconds"] = round(seconds, 4)
       per_seed.append(result)
       rates.append(len(examples) / seconds)
+      ranks.append(seed_ranks)
     rows.append(summarize(sampler, steps, per_seed, rates, compile_s,
                           mask_history=mask_history, eta=eta if sampler == "ddim" else None))
+    if keep_ranks:
+      rows[-1]["ranks"] = np.stack(ranks)
     logging.info("%s K=%s ndcg@10 %.4f hit@10 %.4f %.1f users/s", sampler, steps,
                  rows[-1]["ndcg@10_mean"], rows[-1]["hit@10_mean"], rows[-1]["users_per_s"])
-  return {
+  result = {
       "workdir": str(workdir), "dataset": config.data.name, "variant": config.variant,
       "best_epoch": loaded.epoch, "split": split, "diffusion_steps": num_train_steps,
       "schedule": config.model.schedule, "reverse_variance": config.model.reverse_variance,
@@ -204,6 +208,9 @@ def steps_curve(workdir: str, ks=(1, 2, 4, 8, 16, 32), samplers=CURVE_SAMPLERS, 
       "machine": machine(), "compile_s": round(sum(r["compile_s"] for r in rows), 3),
       "notes": notes, "rows": rows,
   }
+  if keep_ranks:
+    result["users"] = examples.users
+  return result
 
 
 # Reports ---------------------------------------------------------------------------------------
@@ -302,8 +309,10 @@ def write_report(result: dict, directory: str, command: str) -> dict[str, str]:
   """Writes steps.json, steps.md and steps.png under `directory`; returns their paths."""
   os.makedirs(directory, exist_ok=True)
   paths = {name: os.path.join(directory, f"steps.{name}") for name in ("json", "md", "png")}
+  rows = [{k: v for k, v in row.items() if k != "ranks"} for row in result["rows"]]
+  saved = {k: v for k, v in result.items() if k != "users"}
   with open(paths["json"], "w") as f:
-    json.dump({"command": command, **result}, f, indent=2)
+    json.dump({"command": command, **saved, "rows": rows}, f, indent=2)
   with open(paths["md"], "w") as f:
     f.write(markdown(result, command))
   plot(result, paths["png"])

@@ -5,6 +5,13 @@ import pathlib
 
 import pytest
 
+# One persistent XLA compilation cache for the whole session (subprocesses inherit it): runs
+# that differ only in seed or data compile the same programs, and 2 CPU cores compile slowly.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import tempfile
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="diffurec_jax_cc_")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 
 @pytest.fixture(scope="session")
 def data_root() -> pathlib.Path:

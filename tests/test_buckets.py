@@ -270,10 +270,6 @@ def test_bucketed_evaluation_equals_fully_padded(exact_bundle, schedule):
   assert bucketed_metrics["users"] == len(EXAMPLES)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "sample.run_chain draws each user's lambdas as normal(key, (L, H)) for the padded length L, "
-    "so with lambda_std > 0 (the default) the lambdas at the real positions change with the "
-    "bucket and evaluation depends on length buckets, contrary to evaluate.py/batches.py."))
 def test_bucketed_sampling_equals_fully_padded_with_default_lambda_noise(schedule):
   bundle = train.init_model(small_config(), NUM_ITEMS)
   assert model_lib.merge(bundle).lambda_std > 0

@@ -36,7 +36,7 @@ def test_infer_reproduces_test_metrics(trained_workdir, data_root):
 
 
 @pytest.fixture(scope="module")
-def histories(trained_workdir):
+def original_ids(trained_workdir):
   """(user, [items in time order]) in ORIGINAL ids: a trained user with one unknown item, a
   new user, and a user whose items are all unknown."""
   with np.load(trained_workdir / "id_map.npz") as saved:
@@ -73,37 +73,39 @@ def _check_recommendations(frame: pl.DataFrame, histories, known: set[str]):
 
 
 @pytest.fixture(scope="module")
-def csv_recommendations(trained_workdir, data_root, histories, tmp_path_factory):
+def csv_recommendations(trained_workdir, data_root, original_ids, tmp_path_factory):
   folder = tmp_path_factory.mktemp("recs")
-  _write_csv(folder / "histories.csv", histories[0])
+  _write_csv(folder / "histories.csv", original_ids[0])
   result = _infer(data_root, "--workdir", str(trained_workdir), "--input",
                   str(folder / "histories.csv"), "--output", str(folder / "recs.csv"),
                   "--topk", str(TOPK))
   return result, folder / "recs.csv"
 
 
-def test_recommend_from_csv_in_original_ids(csv_recommendations, histories):
+def test_recommend_from_csv_in_original_ids(csv_recommendations, original_ids):
+  histories, known = original_ids
   result, output = csv_recommendations
   summary = _last_json(result)
   assert summary == {"output": str(output), "users": 3, "users_without_known_items": 1,
                      "unknown_items_skipped": 3}
   assert "skipped 3 unknown item(s)" in result.stderr
   frame = pl.read_csv(output, schema_overrides={"user": pl.String, "item": pl.String})
-  _check_recommendations(frame, *histories)
+  _check_recommendations(frame, histories, known)
 
 
-def test_recommend_from_jsonl_to_parquet_matches_csv(csv_recommendations, histories,
+def test_recommend_from_jsonl_to_parquet_matches_csv(csv_recommendations, original_ids,
                                                       trained_workdir, data_root, tmp_path):
+  histories, known = original_ids
   source = tmp_path / "histories.jsonl"
   source.write_text("".join(json.dumps({"user": u, "items": items}) + "\n"
-                            for u, items in histories[0]))
+                            for u, items in histories))
   output = tmp_path / "recs.parquet"
   result = _infer(data_root, "--workdir", str(trained_workdir), "--input", str(source),
                   "--output", str(output), "--topk", str(TOPK))
   assert _last_json(result)["unknown_items_skipped"] == 3
   assert "skipped 3 unknown item(s)" in result.stderr
   frame = pl.read_parquet(output)
-  _check_recommendations(frame, *histories)
+  _check_recommendations(frame, histories, known)
   # Same histories (the CSV's sorted by time) -> the same recommendations.
   from_csv = pl.read_csv(csv_recommendations[1],
                          schema_overrides={"user": pl.String, "item": pl.String})
@@ -167,9 +169,7 @@ def test_input_without_output(trained_workdir, data_root, tmp_path):
 @pytest.mark.parametrize("name, content", [
     ("header_only.csv", "user,item,timestamp\n"),
     ("blank.jsonl", "\n"),
-    pytest.param("empty.csv", "", marks=pytest.mark.xfail(
-        strict=True, reason="infer.read_histories lets polars.exceptions.NoDataError escape "
-        "on a 0-byte CSV (traceback, exit 1)")),
+    ("empty.csv", ""),
 ])
 def test_empty_input_file(trained_workdir, data_root, tmp_path, name, content):
   source = tmp_path / name

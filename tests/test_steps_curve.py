@@ -2,16 +2,23 @@
 
 One `train_and_evaluate` run on a slice of Toys (module fixture), one `steps_curve` with
 K in (1, 2, 32), reverse and DDIM, 2 seeds, shared by every test; K = 32 = T must reproduce
-`evaluate_split` exactly, and DDIM with eta = 0 must reproduce itself.
+`evaluate_split` exactly, and DDIM with eta = 0 must reproduce itself. A model this small
+scores near 0, so the exactness checks compare every user's rank, not only the metrics.
 """
 
 import importlib.util
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+
+# Its session-wide persistent compilation cache lets the reruns below (evaluate_split at
+# K = 32, DDIM again, the user subset) reuse the curve's compiled steps.
+import helpers_train  # noqa: F401
 
 from diffurec_jax import checkpoint
 from diffurec_jax import data as data_lib
@@ -36,6 +43,8 @@ TINY = {
     "train.batch_size": 32,
     "train.eval_batch_size": 64,
     "sample.steps": 4,
+    # One padded length (max_len) instead of two: every evaluation step compiles once.
+    "train.length_buckets": (),
 }
 
 
@@ -70,7 +79,7 @@ def workdir(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="module")
 def curve(workdir) -> dict:
   return steps_curve_lib.steps_curve(str(workdir), ks=KS, samplers=("reverse", "ddim"),
-                                     seeds=SEEDS, progress=False)
+                                     seeds=SEEDS, progress=False, keep_ranks=True)
 
 
 def _row(curve, sampler, steps):
@@ -98,39 +107,59 @@ def test_rows(curve):
         np.mean([result["mrr@10"] for result in row["per_seed"]]))
 
 
-def test_seeds_draw_different_chains(curve):
-  # Stochastic chains of different seeds differ somewhere (a tiny model can tie on hit@10).
-  per_seed = _row(curve, "reverse", 32)["per_seed"]
-  assert any(per_seed[0][name] != per_seed[1][name] for name in ("ndcg@20", "mrr@10", "ndcg@10"))
+def _without_seconds(result: dict) -> dict:
+  return {name: value for name, value in result.items() if name != "seconds"}
+
+
+def test_summarize_mean_and_std_over_seeds():
+  per_seed = [{"ndcg@10": v, "hit@10": 2 * v, "mrr@10": v / 2, "users": 7, "seconds": 1.0}
+              for v in (0.1, 0.2, 0.3)]
+  row = steps_curve_lib.summarize("ddim", 4, per_seed, [30.0, 10.0, 20.0], 2.5,
+                                  mask_history=True, eta=0.0)
+  assert row["ndcg@10_mean"] == pytest.approx(0.2) and row["ndcg@10_std"] == pytest.approx(0.1)
+  assert row["hit@10_mean"] == pytest.approx(0.4) and row["hit@10_std"] == pytest.approx(0.2)
+  assert row["mean"] == pytest.approx({"ndcg@10": 0.2, "hit@10": 0.4, "mrr@10": 0.1})
+  assert row["users_per_s"] == 20.0 and row["n_users"] == 7 and row["calls"] == 4
+  single = steps_curve_lib.summarize("one_step", None, per_seed[:1], [5.0], 1.0,
+                                     mask_history=False, eta=None)
+  assert single["ndcg@10_std"] is None and single["calls"] == 1
 
 
 def test_full_chain_reproduces_evaluate_split(curve, workdir):
   loaded = infer.load(str(workdir), steps=32, seeds=1)
   assert loaded.config.sample.sampler == "reverse" and loaded.config.sample.seed == 0
   dataset = data_lib.prepare(loaded.config.data)
-  expected, _ = evaluate.evaluate_split(loaded.bundle, dataset, "test", loaded.config,
-                                        sharding.make_mesh(), progress=False)
-  got = _row(curve, "reverse", 32)["per_seed"][0]
-  assert {k: v for k, v in got.items() if k != "seconds"} == {
-      k: v for k, v in expected.items() if k != "seconds"}
+  expected, per_user = evaluate.evaluate_split(loaded.bundle, dataset, "test", loaded.config,
+                                               sharding.make_mesh(), progress=False)
+  row = _row(curve, "reverse", 32)
+  assert _without_seconds(row["per_seed"][0]) == _without_seconds(expected)
+  np.testing.assert_array_equal(curve["users"], per_user["users"])
+  np.testing.assert_array_equal(row["ranks"][0], per_user["ranks"])
 
 
 def test_ddim_eta0_reproduces(curve, workdir):
   again = steps_curve_lib.steps_curve(str(workdir), ks=(2,), samplers=("ddim",), seeds=1,
-                                      progress=False, one_step=False)
+                                      progress=False, one_step=False, keep_ranks=True)
   (row,) = again["rows"]
-  first = _row(curve, "ddim", 2)["per_seed"][0]
-  assert {k: v for k, v in row["per_seed"][0].items() if k != "seconds"} == {
-      k: v for k, v in first.items() if k != "seconds"}
+  first = _row(curve, "ddim", 2)
+  assert row["eta"] == 0.0
+  assert _without_seconds(row["per_seed"][0]) == _without_seconds(first["per_seed"][0])
+  np.testing.assert_array_equal(row["ranks"][0], first["ranks"][0])
 
 
-def test_subset_and_skipped_steps(workdir):
+def test_subset_and_skipped_steps(workdir, curve):
   result = steps_curve_lib.steps_curve(str(workdir), ks=(1, 64), samplers=("ddim",), seeds=1,
-                                       max_users=30, progress=False, one_step=False)
+                                       max_users=30, progress=False, one_step=False,
+                                       keep_ranks=True)
   assert result["subsampled"] and result["n_users"] == 30 and result["total_users"] > 30
   assert [(r["sampler"], r["K"]) for r in result["rows"]] == [("ddim", 1)]
-  assert result["rows"][0]["n_users"] == 30 and result["rows"][0]["ndcg@10_std"] is None
+  (row,) = result["rows"]
+  assert row["n_users"] == 30 and row["ndcg@10_std"] is None
   assert "64" in result["notes"][0]
+  # The chain noise is keyed per user: a subset ranks its users as the full run does.
+  users = result["users"]
+  assert len(np.unique(users)) == 30 and np.all(np.diff(users) > 0)
+  np.testing.assert_array_equal(row["ranks"][0], _row(curve, "ddim", 1)["ranks"][0][users])
 
 
 @pytest.mark.parametrize("changes, words", [
@@ -138,10 +167,10 @@ def test_subset_and_skipped_steps(workdir):
     ({"samplers": ("reverse", "ancestral")}, "ancestral"),
     ({"seeds": 0}, "--seeds"),
 ])
-def test_bad_arguments(workdir, changes, words):
-  arguments = dict(ks=(1,), samplers=("reverse",), seeds=1, progress=False, **changes)
+def test_bad_arguments(tmp_path, changes, words):
+  arguments = {"ks": (1,), "samplers": ("reverse",), "seeds": 1, "progress": False, **changes}
   with pytest.raises(ValueError, match=words):
-    steps_curve_lib.steps_curve(str(workdir), **arguments)
+    steps_curve_lib.steps_curve(str(tmp_path), **arguments)
 
 
 def test_no_checkpoint(workdir, tmp_path):
@@ -149,13 +178,21 @@ def test_no_checkpoint(workdir, tmp_path):
     (tmp_path / name).write_bytes((workdir / name).read_bytes())
   with pytest.raises(checkpoint.CheckpointError, match="no validated checkpoint"):
     steps_curve_lib.steps_curve(str(tmp_path), ks=(1,), progress=False)
+  # The entrypoint turns it into one `error:` line and exit status 2.
+  result = subprocess.run([sys.executable, str(REPO / "bench" / "steps.py"), "--workdir",
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in (
+      result.stderr)
 
 
 def test_report_files(curve, tmp_path):
   command = "python bench/steps.py --workdir W --ks 1,2,32 --seeds 2"
   paths = steps_curve_lib.write_report(curve, str(tmp_path / "steps"), command)
   saved = json.loads(pathlib.Path(paths["json"]).read_text())
-  assert saved["command"] == command and saved["rows"] == curve["rows"]
+  assert saved["command"] == command and "users" not in saved
+  assert saved["rows"] == [{k: v for k, v in row.items() if k != "ranks"}
+                           for row in curve["rows"]]
   text = pathlib.Path(paths["md"]).read_text()
   assert command in text and f"all {curve['n_users']} users" in text
   assert "masked from the ranking: no" in text and curve["machine"]["devices"] in text

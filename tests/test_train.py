@@ -28,8 +28,10 @@ def test_train_entrypoint_writes_the_run(trained_run):
     assert (workdir / name).is_file(), name
   config = helpers.read_json(workdir / "config.json")
   assert config["model"]["hidden"] == 16 and config["train"]["num_epochs"] == 2
-  assert [p.name for p in (workdir / "checkpoints" / "latest").iterdir()] != []
-  assert len(list((workdir / "checkpoints" / "best").iterdir())) == 1
+  results = helpers.read_json(workdir / "results.json")
+  checkpoints = workdir / "checkpoints"
+  assert sorted(p.name for p in (checkpoints / "latest").iterdir()) == ["1", "2"]
+  assert [p.name for p in (checkpoints / "best").iterdir()] == [str(results["best_epoch"])]
 
   records = helpers.read_jsonl(workdir / "metrics.jsonl")
   for record in records:
@@ -43,7 +45,6 @@ def test_train_entrypoint_writes_the_run(trained_run):
   assert [r["epoch"] for r in valid_lines] == [1, 2]
   assert all(0.0 <= r["ndcg@10"] <= 1.0 for r in valid_lines)
 
-  results = helpers.read_json(workdir / "results.json")
   assert results["best_epoch"] in (1, 2)
   for split in ("valid", "test"):
     assert set(results[split]) == set(helpers.RESULT_KEYS)
