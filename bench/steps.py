@@ -5,7 +5,8 @@
 
 Writes DIR (default W/steps)/steps.json, steps.md (the command, machine, users and the table)
 and steps.png (ndcg@10 and users/s vs K); prints the table and, as its last line, JSON of the
-rows. Bad input (no checkpoint, K < 1, ...) is one `error: ...` line and exit status 2.
+rows (their summaries; the per-seed metrics are in steps.json). Bad input (no checkpoint,
+K < 1, ...) is one `error: ...` line and exit status 2.
 """
 
 import json
@@ -57,7 +58,10 @@ def main(argv):
                                      command)
     print(steps_curve.markdown(result, command))
     print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
-    print(json.dumps(result["rows"]), flush=True)
+    # Per-seed metrics and every mean are in steps.json; the line keeps each row's summary.
+    rows = [{k: v for k, v in row.items() if k not in ("per_seed", "mean")}
+            for row in result["rows"]]
+    print(json.dumps(rows), flush=True)
 
   cli.run_guarded(run)
 

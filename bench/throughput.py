@@ -48,8 +48,25 @@ def _time(function) -> float:
   return time.perf_counter() - start
 
 
+def matmul_gflops(size: int = 1024, repeats: int = 5) -> float:
+  """The machine's float32 matmul ceiling through XLA, in GFLOP/s (median)."""
+  a = jax.random.normal(jax.random.key(0), (size, size))
+  b = jax.random.normal(jax.random.key(1), (size, size))
+  product = jax.jit(jnp.matmul)
+  jax.block_until_ready(product(a, b))
+  return 2 * size**3 / statistics.median(_time(lambda: product(a, b))
+                                         for _ in range(repeats)) / 1e9
+
+
+def step_flops(jitted, *args) -> float:
+  """XLA's count of floating-point operations of one call."""
+  analysis = jitted.lower(*args).compile().cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  return float(analysis.get("flops", 0.0))
+
+
 def train_throughput(config, dataset, mesh, steps, repeats):
-  """(examples/s median, compile seconds) over `repeats` runs of `steps` real batches."""
+  """(examples/s median, compile seconds, bundle, GFLOP/s achieved) over real batches."""
   examples, loss_fn, next_items = train_lib.training_setup(config, dataset)
   lengths = batches_lib.bucket_lengths(config.data.max_len, evaluate_lib.bucket_config(config))
   history_lengths = (examples.ends - examples.starts).astype(np.int64)
@@ -71,7 +88,11 @@ def train_throughput(config, dataset, mesh, steps, repeats):
       state, loss = step(state, build(plan), key, schedule)
       jax.block_until_ready(loss)
       compile_s += time.perf_counter() - start
-  rates = []
+  flops_of = {}
+  for plan in plans:
+    if plan.length not in flops_of:
+      flops_of[plan.length] = step_flops(step, state, build(plan), key, schedule)
+  rates, gflops = [], []
   for repeat in range(repeats):
     chosen = plans[repeat * steps:(repeat + 1) * steps]
     count = sum(int((plan.indices >= 0).sum()) for plan in chosen)
@@ -79,8 +100,11 @@ def train_throughput(config, dataset, mesh, steps, repeats):
     for plan in chosen:
       state, loss = step(state, build(plan), key, schedule)
     jax.block_until_ready(loss)
-    rates.append(count / (time.perf_counter() - start))
-  return statistics.median(rates), compile_s, model_lib.Bundle(bundle.graphdef, state.params)
+    seconds = time.perf_counter() - start
+    rates.append(count / seconds)
+    gflops.append(sum(flops_of[plan.length] for plan in chosen) / seconds / 1e9)
+  return (statistics.median(rates), compile_s, model_lib.Bundle(bundle.graphdef, state.params),
+          statistics.median(gflops))
 
 
 def infer_throughput(config, dataset, mesh, bundle, num_users, repeats):
@@ -106,12 +130,14 @@ def infer_throughput(config, dataset, mesh, bundle, num_users, repeats):
 
 
 def measure(config, mesh, dataset, steps, users, repeats):
-  train_rate, train_compile, bundle = train_throughput(config, dataset, mesh, steps, repeats)
+  train_rate, train_compile, bundle, train_gflops = train_throughput(config, dataset, mesh,
+                                                                    steps, repeats)
   infer_rate, infer_compile = infer_throughput(config, dataset, mesh, bundle, users, repeats)
   config4 = config.copy_and_resolve_references()
   config4.sample.seeds = 4
   infer4_rate, infer4_compile = infer_throughput(config4, dataset, mesh, bundle, users, repeats)
   return {"train_examples_per_s": round(train_rate, 1),
+          "train_gflops_per_s": round(train_gflops, 1),
           "infer_users_per_s": round(infer_rate, 1),
           "infer_users_per_s_4seeds": round(infer4_rate, 1),
           "compile_s": round(train_compile + infer_compile + infer4_compile, 1)}
@@ -129,6 +155,7 @@ def main(argv):
             "diffusion_steps": config.model.diffusion_steps,
             "sample_steps": config.sample.steps or config.model.diffusion_steps,
             "length_buckets": list(evaluate_lib.bucket_config(config))}
+  result["matmul_gflops_per_s"] = round(matmul_gflops(), 1)
   result.update(measure(config, mesh, dataset, _STEPS.value, _USERS.value, _REPEATS.value))
   if _BASELINE.value:
     padded = config.copy_and_resolve_references()

@@ -47,8 +47,10 @@ def paired_test(values, baseline) -> dict:
             "mean_diff": float(np.mean(differences)) if len(values) else None, "note": ""}
   if len(values) < 2:
     result["note"] = "fewer than 2 pairs (run more seeds)"
+  elif np.all(differences == 0):
+    result["note"] = "identical: equal values in every pair (no difference at all)"
   elif np.all(differences == differences[0]):
-    result["note"] = "zero variance: the differences are identical across pairs"
+    result["note"] = "zero variance: the same nonzero difference in every pair"
   else:
     test = stats.ttest_rel(values, baseline)
     result.update(t=finite_or_none(test.statistic), p=finite_or_none(test.pvalue))

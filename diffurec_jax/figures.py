@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 LINESTYLES = ("-", "--", ":", "-.")
 
@@ -41,6 +42,8 @@ def learning_curves(curves: dict, path: str):
         valid_axis.plot(run["valid_epochs"], run["valid_ndcg@10"], **style)
   loss_axis.set(title="training loss", xlabel="epoch", ylabel="cross-entropy")
   valid_axis.set(title="validation NDCG@10", xlabel="epoch", ylabel="NDCG@10")
+  for axis in (loss_axis, valid_axis):
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
   valid_axis.legend(fontsize=7, loc="best")
   _save(figure, path)
 
@@ -54,7 +57,7 @@ def grouped_bars(axis, labels, series: dict, ylabel: str):
     heights = [np.nan if value is None else value for value in values]
     axis.bar(positions + (index - (len(series) - 1) / 2) * width, heights, width,
              label=name, color=colors[name])
-  axis.set_xticks(positions, labels, fontsize=8)
+  axis.set_xticks(positions, labels, fontsize=8, rotation=20, ha="right")
   axis.set_ylabel(ylabel)
 
 
@@ -121,11 +124,15 @@ def tsne_clusters(x0, clusters: int = 5, seed: int = 0):
   """(coords [n, 2] t-SNE of x0, labels [n] KMeans(k) clusters of x0 itself)."""
   from sklearn.cluster import KMeans
   from sklearn.manifold import TSNE
+  from threadpoolctl import threadpool_limits
   count = len(x0)
-  labels = KMeans(n_clusters=min(clusters, count), n_init=10, random_state=seed).fit_predict(x0)
   perplexity = float(min(30.0, max(1.0, (count - 1) / 3)))
-  coords = TSNE(n_components=2, perplexity=perplexity, init="pca",
-                random_state=seed).fit_transform(x0)
+  # One thread: on a shared machine OpenMP oversubscription makes Barnes-Hut t-SNE 10x slower.
+  with threadpool_limits(1):
+    labels = KMeans(n_clusters=min(clusters, count), n_init=10,
+                    random_state=seed).fit_predict(x0)
+    coords = TSNE(n_components=2, perplexity=perplexity, init="pca",
+                  random_state=seed).fit_transform(x0)
   return coords, labels
 
 

@@ -26,7 +26,7 @@ PUBLISHED_LABELS = {
     "sasrec_ce_recbole": "SASRec-CE (RecBole, third party)",
 }
 ABLATION_MEANINGS = {
-    "lambda0": "lambda = 0 (the noised target never reaches the approximator)",
+    "lambda0": "lambda = 0: the noised target never reaches the approximator",
     "steps1": "one reverse step at inference instead of the full chain",
 }
 TSNE_USERS = 500
@@ -86,7 +86,8 @@ def run_summary(run: dict, workdir: str, seed: int) -> dict:
   results = run["results"]
   return {"seed": seed, "workdir": os.path.relpath(run["path"], workdir),
           "best_epoch": results["best_epoch"], "epochs_run": results.get("epochs_run"),
-          "mask_history": results["mask_history"], "sample_steps": results.get("sample_steps"),
+          "mask_history": results["mask_history"],
+          "sample_steps": None if results["variant"] == "sasrec" else results.get("sample_steps"),
           "reevaluated": "reevaluated_from" in results,
           "train_seconds": round(train_seconds, 3), "eval_seconds": round(eval_seconds, 3),
           "wall_seconds": round(train_seconds + eval_seconds, 3)}
@@ -113,13 +114,15 @@ def table3(runs: dict) -> dict:
 
 
 def table4(t3: dict) -> list[dict]:
-  """Paired t-tests of each variant against diffurec and against sasrec (when in the grid)."""
+  """Paired t-tests of each variant against diffurec and against sasrec (when in the grid);
+  sasrec vs diffurec is not repeated as diffurec vs sasrec."""
   comparisons = []
   for baseline in ("diffurec", "sasrec"):
     if baseline not in t3:
       continue
     for name in t3:
-      if name == baseline:
+      if name == baseline or any(c["variant"] == baseline and c["baseline"] == name
+                                 for c in comparisons):
         continue
       ours, theirs = t3[name]["per_seed"], t3[baseline]["per_seed"]
       comparisons.append({
@@ -185,6 +188,8 @@ def diffusion_answer(t3: dict) -> dict:
 
 
 def _verdict(test: dict, diff: float) -> str:
+  if test["note"].startswith("identical"):
+    return "identical"
   if test["p"] is None:
     return "not testable"
   if test["p"] >= 0.05:
@@ -201,6 +206,7 @@ def _answer_sentence(comparisons: list[dict]) -> str:
   for c in comparisons:
     p = "n/a" if c["p"] is None else f"{c['p']:.3g}"
     outcome = {"not testable": f"not testable ({c['note']})",
+               "identical": "identical in every seed",
                "no evidence of a difference": "no evidence of a difference",
                "helps": "significantly lower without it",
                "hurts": "significantly higher without it"}[c["verdict"]]
@@ -214,7 +220,7 @@ def _answer_sentence(comparisons: list[dict]) -> str:
   elif "hurts" in verdicts:
     answer = "No: removing it significantly raises test NDCG@10."
   elif verdicts == {"not testable"}:
-    answer = "Undecided: no ablation could be tested (run at least 2 seeds)."
+    answer = "Undecided: no ablation could be tested."
   else:
     answer = ("No evidence that it does on this grid (few seeds detect only large "
               "differences).")

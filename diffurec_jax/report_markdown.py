@@ -21,11 +21,14 @@ def table(header: list[str], rows: list[list[str]]) -> str:
   return "\n".join(lines)
 
 
+def masked(report: dict) -> str:
+  value = report["mask_history"]
+  return "mixed (see the runs table)" if value == "mixed" else ("yes" if value else "no")
+
+
 def caption(report: dict) -> str:
-  masked = report["mask_history"]
-  masked = "mixed (see the runs table)" if masked == "mixed" else ("yes" if masked else "no")
   return (f"Test split, full ranking over all items; {report['seeds']} seed(s) per variant; "
-          f"history items masked from the ranking: {masked}.")
+          f"history items masked from the ranking: {masked(report)}.")
 
 
 def header_section(report: dict) -> str:
@@ -36,7 +39,7 @@ def header_section(report: dict) -> str:
       f"Machine: {machine['platform']} ({machine['processor']}, {machine['cpu_count']} CPUs); "
       f"JAX {machine['jax']} on {machine['backend']}: {', '.join(machine['devices'])}.", "",
       f"Variants: {', '.join(report['variants'])}. Seeds: {report['seeds']}. "
-      f"History masked: {report['mask_history']}.", ""])
+      f"History items masked from the ranking: {masked(report)}.", ""])
 
 
 def runs_section(report: dict) -> str:
@@ -44,14 +47,16 @@ def runs_section(report: dict) -> str:
   for name, runs in report["runs"].items():
     for run in runs:
       epochs = "re-evaluated" if run["reevaluated"] else run["epochs_run"]
-      rows.append([name, run["seed"], run["best_epoch"], epochs, run["sample_steps"],
+      steps = "-" if run["sample_steps"] is None else run["sample_steps"]
+      rows.append([name, run["seed"], run["best_epoch"], epochs, steps,
                    number(run["train_seconds"], 1), number(run["eval_seconds"], 1),
                    number(run["wall_seconds"], 1), f"`{run['workdir']}`"])
   return "\n".join([
       "## Runs and wall time", "",
-      "Seconds from each run's metrics.jsonl (training epochs; validation and test evaluations)."
-      " Re-evaluated runs (inference ablations) reuse the trained checkpoint of their base run.",
-      f" History masked: {report['mask_history']}; {report['seeds']} seed(s).", "",
+      "Seconds from each run's metrics.jsonl (training epochs; validation and test "
+      "evaluations). Re-evaluated runs (inference ablations) reuse the trained checkpoint of "
+      f"their base run. {report['seeds']} seed(s); history items masked from the ranking: "
+      f"{masked(report)}.", "",
       table(["variant", "seed", "best epoch", "epochs run", "reverse steps", "train s", "eval s",
              "total s", "workdir"], rows), ""])
 

@@ -250,8 +250,9 @@ def markdown(result: dict, command: str) -> str:
       f"variance {result['reverse_variance']}, DDIM eta = {result['eta']}; K kept steps are "
       "respaced (evenly spaced, always including T - 1)",
       f"- {result['seeds']} chain seed(s) per row (one chain each): mean ± std (ddof = 1); "
-      "users/s is the median over seeds, timed after a warm-up call per batch shape "
-      "(compile s is that warm-up)",
+      "users/s is the median over seeds of the device time of the whole split (batches built "
+      "and placed beforehand), after a warm-up call per batch shape (compile s is that "
+      "warm-up; small when the persistent XLA compilation cache already holds the step)",
       f"- machine: {machine_info['platform']}, {machine_info['cpu_count']} CPUs, "
       f"jax {machine_info['jax']} on {machine_info['devices']} ({machine_info['backend']})",
       f"- eval batch size {result['eval_batch_size']}",
@@ -294,7 +295,7 @@ def plot(result: dict, path: str):
     axis.set_xlabel("reverse steps K")
     axis.grid(alpha=0.3)
     axis.legend()
-  users = f"{result['n_users']} users" + (" (subset)" if result["subsampled"] else "")
+  users = f"{result['n_users']}-user subset" if result["subsampled"] else "all users"
   accuracy.set_ylabel(f"{result['split']} ndcg@10 (mean ± std, {result['seeds']} seeds)")
   accuracy.set_title(f"{result['dataset']} {result['variant']}: accuracy vs K ({users})")
   speed.set_ylabel("users / s")

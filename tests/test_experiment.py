@@ -83,11 +83,35 @@ def test_paired_tests_match_scipy_and_say_why_not():
   assert analysis.paired_test([0.3], [0.2])["p"] is None
   constant = analysis.paired_test([1.0, 2.0], [0.0, 1.0])  # scipy would say t = inf, p = 0.
   assert constant["t"] is None and "zero variance" in constant["note"]
+  assert analysis.paired_test([0.1, 0.2], [0.1, 0.2])["note"].startswith("identical")
   overall = analysis.overall_test({"a": [1.0, 2.0], "b": [3.0, 0.0]},
                                   {"a": [2.0, 1.0], "b": [2.0, 0.0]}, keys=("a", "b"))
   assert overall["pairs"] == 4 and overall["relative_pairs"] == 3
   assert overall["avg_relative_diff_percent"] == pytest.approx((-50 + 100 + 50) / 3)
   assert overall["avg_diff_points"] == pytest.approx(25.0)
+
+
+def fake_table3(per_seed: dict) -> dict:
+  return {name: {"per_seed": {"ndcg@10": values}, "seeds": len(values),
+                 "metrics": {"ndcg@10": analysis.seed_summary(values)}}
+          for name, values in per_seed.items()}
+
+
+def test_diffusion_answer():
+  from diffurec_jax import report
+  assert "not run" in report.diffusion_answer(fake_table3({"diffurec": [0.1]}))["sentence"]
+  lower = report.diffusion_answer(fake_table3({
+      "diffurec": [0.10, 0.20, 0.30], "diffurec+lambda0": [0.05, 0.14, 0.26]}))
+  (comparison,) = lower["comparisons"]
+  assert comparison["p"] == float(stats.ttest_rel([0.05, 0.14, 0.26], [0.10, 0.20, 0.30]).pvalue)
+  assert comparison["p"] < 0.05 and comparison["verdict"] == "helps"
+  assert lower["sentence"].startswith("Does the diffusion component matter? Yes")
+  assert "steps1 ablation was not run" in lower["sentence"]
+  same = report.diffusion_answer(fake_table3({
+      "v2": [0.1, 0.2], "v2+steps1": [0.1, 0.2], "v2+lambda0": [0.3, 0.1]}))
+  assert [c["verdict"] for c in same["comparisons"]] == ["identical",
+                                                         "no evidence of a difference"]
+  assert "No evidence" in same["sentence"]
 
 
 def test_extract_overrides_toy():
@@ -192,7 +216,7 @@ def test_grid_ttests_equal_scipy(grid):
   report, workdir = grid["report"], grid["workdir"]
   pairs = {(c["variant"], c["baseline"]) for c in report["table4"]}
   assert pairs == {(v, "diffurec") for v in VARIANTS if v != "diffurec"} | {
-      (v, "sasrec") for v in VARIANTS if v != "sasrec"}
+      (v, "sasrec") for v in VARIANTS if v not in ("diffurec", "sasrec")}
   for c in report["table4"]:
     ours, theirs = per_run(workdir, c["variant"]), per_run(workdir, c["baseline"])
     for key in analysis.RESULT_KEYS:

@@ -18,7 +18,7 @@ import pytest
 
 # Its session-wide persistent compilation cache lets the reruns below (evaluate_split at
 # K = 32, DDIM again, the user subset) reuse the curve's compiled steps.
-import helpers_train  # noqa: F401
+import helpers_train
 
 from diffurec_jax import checkpoint
 from diffurec_jax import data as data_lib
@@ -180,7 +180,8 @@ def test_no_checkpoint(workdir, tmp_path):
     steps_curve_lib.steps_curve(str(tmp_path), ks=(1,), progress=False)
   # The entrypoint turns it into one `error:` line and exit status 2.
   result = subprocess.run([sys.executable, str(REPO / "bench" / "steps.py"), "--workdir",
-                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, **helpers_train.COMPILATION_CACHE_ENV))
   assert result.returncode == 2, result.stderr[-3000:]
   assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in (
       result.stderr)
