@@ -9,6 +9,7 @@ A statistic that cannot be computed is None (shown as "n/a") with the reason bes
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from scipy import stats
@@ -52,7 +53,9 @@ def paired_test(values, baseline) -> dict:
   elif np.all(differences == differences[0]):
     result["note"] = "zero variance: the same nonzero difference in every pair"
   else:
-    test = stats.ttest_rel(values, baseline)
+    with warnings.catch_warnings():  # Nearly equal pairs warn of precision loss; t stays valid.
+      warnings.simplefilter("ignore", RuntimeWarning)
+      test = stats.ttest_rel(values, baseline)
     result.update(t=finite_or_none(test.statistic), p=finite_or_none(test.pvalue))
   return result
 

@@ -18,7 +18,9 @@ def setup():
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
                          "diffurec_jax", "xla")
     jax.config.update("jax_compilation_cache_dir", cache)
-  if logging.get_verbosity() <= logging.INFO and "-v" not in " ".join(sys.argv):
+  from absl import flags
+  verbosity_given = "verbosity" in flags.FLAGS and flags.FLAGS["verbosity"].present
+  if not verbosity_given:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint operation at INFO.
   if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS", "1") != "1":
     jax.distributed.initialize()

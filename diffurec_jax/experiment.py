@@ -136,9 +136,12 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict):
   for name, value in overrides.items():
     *path, field = name.split(".")
     node = config
-    for part in path:
-      node = node[part]
-    node[field] = tuple(value) if isinstance(value, list) else value
+    for part in path + [field]:
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        raise ValueError(f"--config.{name} is not a field of the config; see "
+                         "diffurec_jax/config.py for the fields.")
+      parent, node = node, node[part]
+    parent[field] = tuple(value) if isinstance(value, list) else value
   return config
 
 
@@ -226,6 +229,7 @@ def run_experiment(config_path: str, preset_arg: str, overrides: dict, variants,
   """Runs the grid of `variants` x `seeds` into `workdir`, writes report.md, report.json and
   figures/, and returns the report dict. `overrides` = {'model.hidden': 16, ...}."""
   from diffurec_jax import report as report_lib
+  from diffurec_jax import sharding
   if int(seeds) < 1:
     raise ValueError(f"--seeds={seeds} must be at least 1.")
   grid = parse_variants(list(variants))
@@ -237,5 +241,7 @@ def run_experiment(config_path: str, preset_arg: str, overrides: dict, variants,
       variant_config(module, variant, preset_arg, overrides, 0)
   os.makedirs(workdir, exist_ok=True)
   run_grid(module, grid, preset_arg, overrides, int(seeds), workdir, progress=progress)
+  if not sharding.is_main_process():  # Every process trains; one writes the report.
+    return {}
   command = command if command is not None else "python " + shlex.join(sys.argv)
   return report_lib.write_report(workdir, [v.name for v in grid], int(seeds), command=command)

@@ -27,7 +27,7 @@ PUBLISHED_LABELS = {
 }
 ABLATION_MEANINGS = {
     "lambda0": "lambda = 0: the noised target never reaches the approximator",
-    "steps1": "one reverse step at inference instead of the full chain",
+    "steps1": "one reverse step at inference instead of the base run's chain",
 }
 TSNE_USERS = 500
 TSNE_CLUSTERS = 5
@@ -56,7 +56,7 @@ def machine() -> dict:
   return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
           "cpu_count": os.cpu_count(), "python": platform.python_version(),
           "jax": jax.__version__, "backend": jax.default_backend(),
-          "devices": [f"{device.platform}:{device.device_kind}" for device in devices]}
+          "devices": [device.device_kind for device in devices]}
 
 
 def read_run(path: str) -> dict:

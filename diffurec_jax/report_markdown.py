@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 from diffurec_jax import analysis
 
 
@@ -33,11 +35,13 @@ def caption(report: dict) -> str:
 
 def header_section(report: dict) -> str:
   machine = report["machine"]
+  devices = ", ".join(f"{count} x {kind}"
+                      for kind, count in collections.Counter(machine["devices"]).items())
   return "\n".join([
       f"# Experiment report: {report['dataset']}", "",
       "Produced by:", "", "```", report["command"], "```", "",
       f"Machine: {machine['platform']} ({machine['processor']}, {machine['cpu_count']} CPUs); "
-      f"JAX {machine['jax']} on {machine['backend']}: {', '.join(machine['devices'])}.", "",
+      f"JAX {machine['jax']} on {machine['backend']} ({devices}).", "",
       f"Variants: {', '.join(report['variants'])}. Seeds: {report['seeds']}. "
       f"History items masked from the ranking: {masked(report)}.", ""])
 

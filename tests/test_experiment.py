@@ -1,8 +1,8 @@
 """The experiment runner and its report: hand-computed analyses, then one smoke-size grid.
 
-The grid (toys: diffurec, v1, v2, sasrec x 2 seeds) is one module fixture: 8 tiny runs that
-compile a train and an eval step each, so the persistent compilation cache is switched on
-(seed 1 then reuses seed 0's executables).
+The grid (toys: diffurec, v1, v2, sasrec x 2 seeds, plus the steps1 re-evaluation of the
+diffurec runs) is one module fixture: 8 tiny runs that compile a train and an eval step each,
+so the persistent compilation cache is switched on (seed 1 reuses seed 0's executables).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from scipy import stats
 from diffurec_jax import analysis, experiment
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-VARIANTS = ("diffurec", "v1", "v2", "sasrec")
+GRID = ("diffurec", "v1", "v2", "sasrec", "steps1")  # As given to --variants.
+VARIANTS = ("diffurec", "v1", "v2", "sasrec", "diffurec+steps1")  # Canonical names.
 SEEDS = 2
 
 
@@ -128,6 +129,8 @@ def test_extract_overrides_toy():
   config = experiment.apply_overrides(ml_collections.ConfigDict(default.to_dict()),
                                       {"model.hidden": 16, "train.length_buckets": []})
   assert config.model.hidden == 16 and config.train.length_buckets == ()
+  with pytest.raises(ValueError, match="model.width is not a field"):
+    experiment.apply_overrides(config, {"model.width": 3})
 
 
 @pytest.mark.parametrize("name, canonical, presets, steps", [
@@ -179,7 +182,7 @@ def grid(tmp_path_factory):
       "train.eval_batch_size": 64, "train.length_buckets": (),
   }
   workdir = str(tmp_path_factory.mktemp("grid"))
-  args = (str(REPO / "configs" / "toys.py"), "", overrides, list(VARIANTS), SEEDS, workdir)
+  args = (str(REPO / "configs" / "toys.py"), "", overrides, list(GRID), SEEDS, workdir)
   start = time.time()
   report = experiment.run_experiment(*args, command="test", progress=False)
   return {"args": args, "report": report, "workdir": workdir, "seconds": time.time() - start}
@@ -212,6 +215,16 @@ def test_grid_tables_equal_the_runs(grid):
   assert report["published"]  # Toys has published reference numbers.
 
 
+def assert_scipy(test, ours, theirs):
+  """Our t and p equal scipy's on the same numbers, or are None for a stated reason."""
+  if test["t"] is None:
+    assert np.ptp(np.subtract(ours, theirs)) == 0 and test["note"]
+  else:
+    expected = stats.ttest_rel(ours, theirs)
+    assert (test["t"], test["p"]) == (float(expected.statistic), float(expected.pvalue))
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")
 def test_grid_ttests_equal_scipy(grid):
   report, workdir = grid["report"], grid["workdir"]
   pairs = {(c["variant"], c["baseline"]) for c in report["table4"]}
@@ -220,18 +233,10 @@ def test_grid_ttests_equal_scipy(grid):
   for c in report["table4"]:
     ours, theirs = per_run(workdir, c["variant"]), per_run(workdir, c["baseline"])
     for key in analysis.RESULT_KEYS:
-      a, b = [r["test"][key] for r in ours], [r["test"][key] for r in theirs]
-      test = c["per_metric"][key]
-      if test["t"] is None:
-        assert np.ptp(np.subtract(a, b)) == 0 and test["note"]
-      else:
-        expected = stats.ttest_rel(a, b)
-        assert (test["t"], test["p"]) == (float(expected.statistic), float(expected.pvalue))
-    a = [r["test"][k] for k in analysis.RESULT_KEYS for r in ours]
-    b = [r["test"][k] for k in analysis.RESULT_KEYS for r in theirs]
-    expected = stats.ttest_rel(a, b)
-    assert (c["overall"]["t"], c["overall"]["p"]) == (float(expected.statistic),
-                                                      float(expected.pvalue))
+      assert_scipy(c["per_metric"][key], [r["test"][key] for r in ours],
+                   [r["test"][key] for r in theirs])
+    assert_scipy(c["overall"], [r["test"][k] for k in analysis.RESULT_KEYS for r in ours],
+                 [r["test"][k] for k in analysis.RESULT_KEYS for r in theirs])
 
 
 def test_grid_groups_and_answer(grid):
@@ -247,7 +252,20 @@ def test_grid_groups_and_answer(grid):
     hit = sum(g["hit@10"] * g["users"] for g in groups if g["users"]) / 120
     assert hit == pytest.approx(np.mean([np.mean(r <= 10) for r in ranks]), abs=1e-12)
     assert hit == pytest.approx(report["table3"][name]["metrics"]["hit@10"]["mean"], abs=1e-12)
-  assert "not run" in report["diffusion"]["sentence"]
+  sentence = report["diffusion"]["sentence"]
+  assert "diffurec+steps1" in sentence and "lambda0 ablation was not run" in sentence
+
+
+def test_grid_steps1_reevaluates_the_diffurec_runs(grid):
+  workdir = grid["workdir"]
+  for seed, (source, ablation) in enumerate(zip(per_run(workdir, "diffurec"),
+                                                per_run(workdir, "diffurec+steps1"))):
+    assert (ablation["sample_steps"], source["sample_steps"]) == (1, 4)
+    assert ablation["best_epoch"] == source["best_epoch"]
+    assert ablation["reevaluated_from"].endswith(os.path.join("diffurec", f"seed{seed}"))
+    assert not os.path.exists(os.path.join(workdir, "diffurec+steps1", f"seed{seed}",
+                                           "checkpoints"))
+  assert grid["report"]["runs"]["diffurec+steps1"][0]["train_seconds"] == 0
 
 
 def test_grid_markdown_and_figures(grid):
