@@ -13,8 +13,11 @@ import time
 import ml_collections
 import numpy as np
 
-# Fields that may change between a run and its resumption without changing its results.
-_RESUMABLE_CHANGES = ("data.root", "data.cache_dir", "data.download", "train.eval_batch_size")
+# Fields that may change between a run and its resumption: where data lives, evaluation batch
+# size (results are per-user keyed, so identical), and num_epochs (to extend a run, or to end
+# it at its last checkpoint: the best-on-validation checkpoint is then tested).
+_RESUMABLE_CHANGES = ("data.root", "data.cache_dir", "data.download", "train.eval_batch_size",
+                      "train.num_epochs")
 
 
 class WorkdirError(Exception):

@@ -93,13 +93,9 @@ def test_four_devices_match_one(data_root, tmp_path):
   assert four["names"] == one["names"]
   compared = 0
   for name, sharded, single in zip(one["names"], four["params"], one["params"]):
-    # Attention is invariant to the key bias (q.b is the same for every key), so its gradient
-    # is rounding noise that Adam's normalisation turns into full-size, run-dependent steps.
-    if "['key']['bias']" in name:
-      continue
     np.testing.assert_allclose(sharded, single, rtol=1e-4, atol=1e-6, err_msg=name)
     compared += 1
-  assert compared == len(one["names"]) - config.model.num_blocks
+  assert compared == len(one["names"]) > 0
   for name in helpers.RESULT_KEYS:
     assert four["valid"][name] == pytest.approx(one["valid"][name], abs=1e-6), name
 

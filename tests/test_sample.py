@@ -82,16 +82,19 @@ def x0_prediction(bundle, history, x_t, t, lambdas):
 def naive_log_probs(bundle, history, users, key, schedule, seed, sampler, variance="beta",
                     eta=0.0):
   """Seed `seed`'s chain, its noise keyed as sample.py documents: per user,
-  fold_in(fold_in(key, seed), user); x_T from the user key itself, the lambdas of kept step k
-  from fold_in(user key, 2k + 1) and the reverse noise from fold_in(user key, 2k + 2)."""
+  fold_in(fold_in(key, seed), user); x_T from the user key itself, the lambda at recency
+  position r of kept step k from fold_in(fold_in(user key, 2k + 1), r), and the reverse noise
+  from fold_in(user key, 2k + 2)."""
   model = model_lib.merge(bundle)
   batch, length = history.shape
   user_keys = [jax.random.fold_in(jax.random.fold_in(key, seed), int(user)) for user in users]
   x = jnp.stack([jax.random.normal(user_key, (HIDDEN,)) for user_key in user_keys])
   for index in reversed(range(schedule.betas.shape[0])):
+    # One [H] draw per recency position r (r = 0 is the last column): independent of L.
     lambdas = jnp.stack([
-        model.lambda_mean + model.lambda_std * jax.random.normal(
-            jax.random.fold_in(user_key, 2 * index + 1), (length, HIDDEN))
+        jnp.stack([model.lambda_mean + model.lambda_std * jax.random.normal(
+            jax.random.fold_in(jax.random.fold_in(user_key, 2 * index + 1), length - 1 - column),
+            (HIDDEN,)) for column in range(length)])
         for user_key in user_keys])
     noise = jnp.stack([jax.random.normal(jax.random.fold_in(user_key, 2 * index + 2), (HIDDEN,))
                        for user_key in user_keys])
