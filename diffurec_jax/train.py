@@ -78,9 +78,7 @@ def training_setup(config, dataset):
   noise = config.offset_noise
   loss = functools.partial(model_lib.diffusion_loss,
                            noise_config=(noise.mode, noise.delta_c, noise.scale))
-  wrapped = lambda params, graphdef, batch, rng, schedule: loss(params, graphdef, batch, rng,
-                                                                schedule)
-  return splits.training_examples(dataset), wrapped, False
+  return splits.training_examples(dataset), loss, False
 
 
 def make_train_step(loss_fn, graphdef, tx):
