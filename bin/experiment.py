@@ -9,7 +9,7 @@ reverse step). Each run is an ordinary workdir W/<variant>/seed<k>; rerunning re
 finished runs. --config.<field> overrides apply to every variant.
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from diffurec_jax import cli
@@ -28,8 +28,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   cli.setup()
-  if not flags.FLAGS["verbosity"].present:  # cli.setup's "-v" test also matches --variants.
-    logging.set_verbosity(logging.WARNING)
   from diffurec_jax import experiment  # After jax.distributed setup.
 
   def run():

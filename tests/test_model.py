@@ -21,20 +21,9 @@ from diffurec_jax import model as model_lib
 from diffurec_jax import sasrec
 from diffurec_jax import schedule as schedule_lib
 from diffurec_jax import train
+from tiny_model import HIDDEN, HISTORY, MAX_LEN, NUM_ITEMS
 
-NUM_ITEMS = 20
-HIDDEN = 16
-MAX_LEN = 8
 NONE = ("none", 1.0, 0.1)
-
-# Left-padded, the most recent item last; at most 4 items per row, so the last 4 columns hold
-# every item and HISTORY[:, 4:] is the same histories with 4 fewer padding columns.
-HISTORY = jnp.array([
-    [0, 0, 0, 0, 0, 3, 7, 5],
-    [0, 0, 0, 0, 1, 2, 3, 4],
-    [0, 0, 0, 0, 0, 0, 9, 11],
-    [0, 0, 0, 0, 6, 6, 12, 19],
-], jnp.int32)
 SHORT_HISTORY = HISTORY[:, 4:]
 TARGETS = jnp.array([9, 5, 20, 1], jnp.int32)
 # SASRec's next item at every position: the history shifted left, then the target.

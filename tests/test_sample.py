@@ -18,16 +18,8 @@ from diffurec_jax import model as model_lib
 from diffurec_jax import sample
 from diffurec_jax import schedule as schedule_lib
 from diffurec_jax import train
+from tiny_model import HIDDEN, HISTORY, MAX_LEN, NUM_ITEMS
 
-NUM_ITEMS = 20
-HIDDEN = 16
-MAX_LEN = 8
-HISTORY = jnp.array([
-    [0, 0, 0, 0, 0, 3, 7, 5],
-    [0, 0, 0, 0, 1, 2, 3, 4],
-    [0, 0, 0, 0, 0, 0, 9, 11],
-    [0, 0, 0, 0, 6, 6, 12, 19],
-], jnp.int32)
 USERS = jnp.array([3, 11, 5, 0], jnp.int32)
 KEY = jax.random.key(7)
 
