@@ -19,6 +19,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "configs/toys.py or configs/toys.py:smoke.")
 _VARIANTS = flags.DEFINE_list("variants", "diffurec,v1,v2,sasrec",
                               "Variants to run, e.g. diffurec,v2,sasrec,lambda0,steps1.")
+_BASELINES = flags.DEFINE_list(
+    "baselines", [],
+    "Variants every other one is paired-t-tested against, e.g. diffurec+smallinit,sasrec "
+    "(default: diffurec and sasrec, where in the grid).")
 _SEEDS = flags.DEFINE_integer("seeds", 2, "Seeds per variant (run k uses config.seed = k).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the grid and its report.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Progress bars while training.")
@@ -37,7 +41,8 @@ def main(argv):
     overrides = experiment.extract_overrides(
         _CONFIG.value, default, explicit=config_flags.get_override_values(config_flag))
     experiment.run_experiment(path, presets, overrides, _VARIANTS.value, _SEEDS.value,
-                              _WORKDIR.value, progress=_PROGRESS.value)
+                              _WORKDIR.value, progress=_PROGRESS.value,
+                              baselines=_BASELINES.value)
 
   cli.run_guarded(run)
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from diffurec_jax import config as config_lib
 
-TRAINING_ABLATIONS = ("upstream", "nopos", "lambda0")
+TRAINING_ABLATIONS = ("upstream", "nopos", "lambda0", "smallinit")
 INFERENCE_ABLATIONS = {"steps1": 1}  # Ablation -> sample.steps of the re-evaluation.
 ABLATIONS = TRAINING_ABLATIONS + tuple(INFERENCE_ABLATIONS)
 # Fields the runner owns: overriding them on the command line would break the grid.
@@ -225,14 +225,24 @@ def run_grid(module, variants: list[Variant], preset_arg: str, overrides: dict, 
 
 
 def run_experiment(config_path: str, preset_arg: str, overrides: dict, variants, seeds: int,
-                   workdir: str, *, command: str | None = None, progress: bool = True) -> dict:
+                   workdir: str, *, command: str | None = None, progress: bool = True,
+                   baselines=None) -> dict:
   """Runs the grid of `variants` x `seeds` into `workdir`, writes report.md, report.json and
-  figures/, and returns the report dict. `overrides` = {'model.hidden': 16, ...}."""
+  figures/, and returns the report dict. `overrides` = {'model.hidden': 16, ...}; every
+  variant is t-tested against each of `baselines` (default: diffurec and sasrec, where run)."""
   from diffurec_jax import report as report_lib
   from diffurec_jax import sharding
   if int(seeds) < 1:
     raise ValueError(f"--seeds={seeds} must be at least 1.")
   grid = parse_variants(list(variants))
+  names = [v.name for v in grid]
+  if baselines:
+    canonical = [parse_variant(name).name for name in baselines]
+    missing = [name for name in canonical if name not in names]
+    if missing:
+      raise ValueError(f"--baselines {missing} are not in --variants {names}.")
+  else:
+    canonical = ["diffurec", "sasrec"]
   check_preset_arg(preset_arg)
   check_overrides(overrides)
   module = load_config_module(config_path)
@@ -244,4 +254,5 @@ def run_experiment(config_path: str, preset_arg: str, overrides: dict, variants,
   if not sharding.is_main_process():  # Every process trains; one writes the report.
     return {}
   command = command if command is not None else "python " + shlex.join(sys.argv)
-  return report_lib.write_report(workdir, [v.name for v in grid], int(seeds), command=command)
+  return report_lib.write_report(workdir, names, int(seeds), command=command,
+                                 baselines=canonical)

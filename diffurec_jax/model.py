@@ -62,7 +62,10 @@ class DiffuRec(nnx.Module):
     self.lambda_mean = model_config.lambda_mean
     self.lambda_std = model_config.lambda_std
     self.emb_dropout = model_config.emb_dropout
-    self.item_embedding = nnx.Param(jax.random.normal(rngs.params(), (num_items + 1, hidden)))
+    self.score_scale = float(model_config.get("score_scale", 1.0))
+    init_std = float(model_config.get("item_init_std", 1.0))
+    self.item_embedding = nnx.Param(
+        init_std * jax.random.normal(rngs.params(), (num_items + 1, hidden)))
     self.position_embedding = (
         nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, hidden)))
         if model_config.position_embedding else None)
@@ -108,9 +111,19 @@ def item_table(bundle: Bundle) -> jax.Array:
   return bundle.params["item_embedding"][...]
 
 
-def score(x0, table) -> jax.Array:
-  """Rounding: x0 [..., H] . table[N+1, H]^T -> [..., N+1], padding column at -inf."""
+def score_scale(bundle: Bundle) -> float:
+  """The static logit multiplier of `bundle`'s model (1.0 = the papers' plain dot product)."""
+  return getattr(merge(bundle), "score_scale", 1.0)
+
+
+def score(x0, table, scale: float = 1.0) -> jax.Array:
+  """Rounding: scale * x0 [..., H] . table[N+1, H]^T -> [..., N+1], padding column at -inf.
+
+  `scale` only sharpens or flattens the softmax: the ranking of one chain never depends on it.
+  """
   scores = jnp.einsum("...h,nh->...n", x0, table.astype(x0.dtype)).astype(jnp.float32)
+  if scale != 1.0:
+    scores = scores * scale
   return scores.at[..., 0].set(-jnp.inf)
 
 
@@ -146,4 +159,5 @@ def diffusion_loss(params, graphdef, batch, rng, schedule, noise_config):
   eps = schedule_lib.training_noise(noise_key, x0.shape, mode, delta_c, scale)
   x_t = schedule_lib.q_sample(schedule, x0, t, eps)
   x0_hat = denoise(bundle, batch["history"], x_t, schedule.timesteps[t], model_key, train=True)
-  return weighted_cross_entropy(score(x0_hat, table), targets, batch["weights"])
+  logits = score(x0_hat, table, score_scale(bundle))
+  return weighted_cross_entropy(logits, targets, batch["weights"])

@@ -113,11 +113,11 @@ def table3(runs: dict) -> dict:
   return table
 
 
-def table4(t3: dict) -> list[dict]:
-  """Paired t-tests of each variant against diffurec and against sasrec (when in the grid);
-  sasrec vs diffurec is not repeated as diffurec vs sasrec."""
+def table4(t3: dict, baselines=("diffurec", "sasrec")) -> list[dict]:
+  """Paired t-tests of each variant against each baseline in the grid (default diffurec and
+  sasrec); a pair already tested one way round is not repeated."""
   comparisons = []
-  for baseline in ("diffurec", "sasrec"):
+  for baseline in baselines:
     if baseline not in t3:
       continue
     for name in t3:
@@ -257,7 +257,8 @@ def tsne(runs: dict, workdir: str, path: str) -> dict | None:
           "cluster_sizes": [int(n) for n in np.bincount(stored["labels"])]}
 
 
-def build_report(workdir: str, variants: list[str], seeds: int, command: str) -> dict:
+def build_report(workdir: str, variants: list[str], seeds: int, command: str,
+                 baselines=("diffurec", "sasrec")) -> dict:
   """Every number of the report, from the finished runs of the grid; also draws the figures."""
   from diffurec_jax import experiment
   runs = {name: [read_run(experiment.run_dir(workdir, name, seed)) for seed in range(seeds)]
@@ -271,7 +272,8 @@ def build_report(workdir: str, variants: list[str], seeds: int, command: str) ->
       "command": command, "machine": machine(), "dataset": first["dataset"],
       "variants": variants, "seeds": seeds,
       "mask_history": masked[0] if len(masked) == 1 else "mixed",
-      "runs": summaries, "table3": t3, "table4": table4(t3),
+      "runs": summaries, "table3": t3, "baselines": [b for b in baselines if b in t3],
+      "table4": table4(t3, baselines),
       "published": published_results(first["dataset"]),
       "published_source": str(published_path()),
       "head_tail": head_tail(runs), "length_groups": length_groups(runs),
@@ -297,10 +299,14 @@ def build_report(workdir: str, variants: list[str], seeds: int, command: str) ->
   return report
 
 
-def write_report(workdir: str, variants: list[str], seeds: int, *, command: str) -> dict:
-  """Builds the report and writes report.json and report.md into `workdir`."""
+def write_report(workdir: str, variants: list[str], seeds: int, *, command: str,
+                 baselines=("diffurec", "sasrec")) -> dict:
+  """Builds the report and writes report.json and report.md into `workdir`.
+
+  `baselines`: the variants every other one is t-tested against (those in the grid).
+  """
   from diffurec_jax import report_markdown
-  report = build_report(workdir, variants, seeds, command)
+  report = build_report(workdir, variants, seeds, command, tuple(baselines))
   workdir_lib.write_json(workdir, "report.json", report)
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write(report_markdown.render(report))

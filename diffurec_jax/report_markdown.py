@@ -92,7 +92,7 @@ def table3_section(report: dict) -> str:
 def table4_section(report: dict) -> str:
   comparisons = report["table4"]
   if not comparisons:
-    return "## Table 4: paired t-tests\n\nNeither diffurec nor sasrec is in the grid.\n"
+    return "## Table 4: paired t-tests\n\nNo baseline variant is in the grid.\n"
   overall_rows, metric_rows, notes = [], [], set()
   for c in comparisons:
     o = c["overall"]
@@ -110,7 +110,8 @@ def table4_section(report: dict) -> str:
     metric_rows.append([c["variant"], c["baseline"]] + cells)
   reasons = "".join(f"\n- n/a: {note}" for note in sorted(notes))
   return "\n".join([
-      "## Table 4: paired t-tests against diffurec and sasrec", "",
+      "## Table 4: paired t-tests against " + " and ".join(
+          report.get("baselines", ["diffurec", "sasrec"])), "",
       caption(report) + " Overall: one paired t-test (scipy.stats.ttest_rel) over all "
       "(metric, seed) pairs of the 7 metrics, as the DiffuRecSys paper's Table 4; average "
       "relative difference in percent of the baseline, and the average absolute difference in "

@@ -100,7 +100,8 @@ def diffusion_log_probs(bundle, history, users, key, schedule, *, sampler="rever
                      variance=variance, eta=eta)
 
   x0 = jax.vmap(chain)(jnp.arange(num_seeds))
-  return ensemble_log_probs(model_lib.score(x0, model_lib.item_table(bundle)))
+  table = model_lib.item_table(bundle)
+  return ensemble_log_probs(model_lib.score(x0, table, model_lib.score_scale(bundle)))
 
 
 def sasrec_log_probs(bundle, history, users, key, schedule=None, **unused):

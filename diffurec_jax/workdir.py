@@ -19,6 +19,9 @@ import numpy as np
 _RESUMABLE_CHANGES = ("data.root", "data.cache_dir", "data.download", "train.eval_batch_size",
                       "train.num_epochs")
 
+# Fields added after runs were written: an old config.json without them holds their default.
+_ADDED_FIELDS = {"model.score_scale": 1.0, "model.item_init_std": 1.0}
+
 
 class WorkdirError(Exception):
   """A workdir that cannot be used as asked, in one sentence for people."""
@@ -54,7 +57,7 @@ def check_or_write_config(workdir: str, config, write: bool):
   new = _flatten(config_dict(config))
   if os.path.exists(path):
     with open(path) as f:
-      old = _flatten(json.load(f))
+      old = {**_ADDED_FIELDS, **_flatten(json.load(f))}
     differ = sorted(k for k in set(old) | set(new)
                     if old.get(k) != new.get(k) and k not in _RESUMABLE_CHANGES)
     if differ:

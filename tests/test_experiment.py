@@ -20,6 +20,7 @@ import pytest
 from scipy import stats
 
 from diffurec_jax import analysis, experiment
+from diffurec_jax import report as report_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GRID = ("diffurec", "v1", "v2", "sasrec", "steps1")  # As given to --variants.
@@ -137,6 +138,7 @@ def test_extract_overrides_toy():
     ("diffurec", "diffurec", ("diffurec",), 0),
     ("lambda0", "diffurec+lambda0", ("diffurec", "lambda0"), 0),
     ("v2+nopos", "v2+nopos", ("v2", "nopos"), 0),
+    ("v1+smallinit+steps1", "v1+smallinit+steps1", ("v1", "smallinit"), 1),
     ("steps1", "diffurec+steps1", ("diffurec",), 1),
     ("v2+nopos+steps1", "v2+nopos+steps1", ("v2", "nopos"), 1),
 ])
@@ -159,6 +161,21 @@ def test_steps1_brings_its_source_and_bad_seeds():
       "v2", "diffurec", "diffurec+steps1"]
   with pytest.raises(ValueError, match="seeds"):
     experiment.run_experiment("configs/toys.py", "", {}, ["diffurec"], 0, "/nonexistent")
+  with pytest.raises(ValueError, match="not in --variants"):
+    experiment.run_experiment("configs/toys.py", "", {}, ["diffurec", "v1"], 1, "/nonexistent",
+                              baselines=["sasrec"])
+
+
+@pytest.mark.parametrize("baselines, expected", [
+    (("diffurec", "sasrec"), [("v1", "diffurec"), ("sasrec", "diffurec"), ("v1", "sasrec")]),
+    (("v1",), [("diffurec", "v1"), ("sasrec", "v1")]),
+    (("v2",), []),  # Not in the grid.
+])
+def test_table4_tests_every_variant_against_each_baseline_once(baselines, expected):
+  per_seed = {key: [0.1, 0.2] for key in analysis.RESULT_KEYS}
+  t3 = {name: {"per_seed": per_seed} for name in ("diffurec", "v1", "sasrec")}
+  pairs = [(c["variant"], c["baseline"]) for c in report_lib.table4(t3, baselines)]
+  assert pairs == expected
 
 
 # One smoke-size grid ------------------------------------------------------------------------

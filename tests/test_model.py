@@ -287,6 +287,39 @@ def test_score_is_the_dot_product_with_padding_at_minus_inf():
   chex.assert_shape(model_lib.score(jnp.stack([x0, x0, x0]), table), (3, 2, 4))
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.5, 0.125])
+def test_score_scale_multiplies_every_logit_but_padding(scale):
+  table = jnp.array([[9.0, 9.0], [1.0, 0.0], [0.0, 1.0], [1.0, -1.0]])
+  x0 = jnp.array([[2.0, 3.0]])
+  expected = np.array([[-np.inf, 2.0 * scale, 3.0 * scale, -1.0 * scale]])
+  np.testing.assert_array_equal(np.asarray(model_lib.score(x0, table, scale)), expected)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.25])
+def test_the_training_loss_uses_the_model_score_scale(schedule, scale):
+  bundle = make_bundle("diffurec", score_scale=scale, **NO_DROPOUT)
+  assert model_lib.score_scale(bundle) == scale
+  loss = model_lib.diffusion_loss(bundle.params, bundle.graphdef, batch(), RNG, schedule, NONE)
+  # The same forward pass by hand: Algorithm 1's draws, then scale * x0_hat . E^T.
+  t_key, noise_key, model_key = jax.random.split(RNG, 3)
+  table = model_lib.item_table(bundle)
+  t = jax.random.randint(t_key, (4,), 0, schedule.betas.shape[0])
+  eps = schedule_lib.training_noise(noise_key, (4, HIDDEN), *NONE)
+  x_t = schedule_lib.q_sample(schedule, table[TARGETS], t, eps)
+  x0_hat = model_lib.denoise(bundle, HISTORY, x_t, schedule.timesteps[t], model_key, train=True)
+  logits = scale * (np.asarray(x0_hat) @ np.asarray(table).T)
+  logits[:, 0] = -np.inf
+  rows = jax.nn.log_softmax(jnp.asarray(logits), axis=-1)[jnp.arange(4), TARGETS]
+  np.testing.assert_allclose(float(loss), -float(jnp.mean(rows)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("presets,std", [("", 1.0), ("smallinit", 0.02), ("upstream", 1.0)])
+def test_item_table_init_scale_follows_the_config(presets, std):
+  table = np.asarray(model_lib.item_table(make_bundle("diffurec", presets)))
+  # 21 x 16 standard-normal draws: the sample std is within 20% of the configured one.
+  assert abs(table.std() / std - 1.0) < 0.2
+
+
 def test_score_of_a_model_table():
   bundle = make_bundle("diffurec")
   table = model_lib.item_table(bundle)

@@ -1,0 +1,56 @@
+"""Workdir config checks: what a rerun may change, and runs written before a field existed."""
+
+import json
+
+import pytest
+
+from diffurec_jax import config as config_lib
+from diffurec_jax import workdir as workdir_lib
+
+
+def toys_config(presets="diffurec"):
+  config = config_lib.base_config()
+  config.data.name = "toys"
+  return config_lib.apply_presets(config, presets)
+
+
+def write_config_without(path, config, *fields):
+  """config.json as an older version wrote it: without `fields` (dotted names)."""
+  payload = workdir_lib.config_dict(config)
+  for field in fields:
+    section, name = field.split(".")
+    del payload[section][name]
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "config.json").write_text(json.dumps(payload))
+
+
+@pytest.mark.parametrize("overrides,accepted", [
+    ({}, True),
+    ({"train.num_epochs": 80, "train.eval_batch_size": 64}, True),  # Resumable changes.
+    ({"model.hidden": 64}, False),
+    ({"train.eval_every": 2}, False),
+])
+def test_a_rerun_may_change_only_resumable_fields(tmp_path, overrides, accepted):
+  workdir_lib.check_or_write_config(str(tmp_path), toys_config(), write=True)
+  config = toys_config()
+  for field, value in overrides.items():
+    section, name = field.split(".")
+    config[section][name] = value
+  if accepted:
+    workdir_lib.check_or_write_config(str(tmp_path), config, write=False)
+  else:
+    with pytest.raises(workdir_lib.WorkdirError, match=next(iter(overrides))):
+      workdir_lib.check_or_write_config(str(tmp_path), config, write=False)
+
+
+@pytest.mark.parametrize("presets,accepted", [
+    ("diffurec", True),             # The added fields at their defaults: the same run.
+    ("diffurec,smallinit", False),  # model.item_init_std 0.02 is not what the old run used.
+])
+def test_runs_written_before_a_field_existed_resume_at_its_default(tmp_path, presets, accepted):
+  write_config_without(tmp_path, toys_config(), "model.item_init_std", "model.score_scale")
+  if accepted:
+    workdir_lib.check_or_write_config(str(tmp_path), toys_config(presets), write=False)
+  else:
+    with pytest.raises(workdir_lib.WorkdirError, match="model.item_init_std"):
+      workdir_lib.check_or_write_config(str(tmp_path), toys_config(presets), write=False)
