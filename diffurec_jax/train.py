@@ -196,6 +196,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after_epochs: int | None = 
       checkpoints.save(epoch, state, meta, best=improved)
       summary += (f" | valid {metric} {valid[metric]:.4f} hit@10 {valid['hit@10']:.4f}"
                   f" (best {meta['best_metric']:.4f} @ {meta['best_epoch']})")
+    else:  # Every epoch is checkpointed, validated or not: a kill loses at most one epoch.
+      meta.update(epoch=epoch)
+      checkpoints.save(epoch, state, meta, best=False)
     print(summary, flush=True)
     epochs_run += 1
 

@@ -77,8 +77,10 @@ def _results_core(results: dict) -> dict:
   return {k: results[k] for k in ("best_epoch", "valid", "test", "epochs_run")}
 
 
-def test_resume_after_kill_equals_uninterrupted_run(data_root, tmp_path, capsys):
-  config = helpers.tiny_config(data_root)
+# eval_every 2: the killed epoch 1 was never validated, and must still have been saved.
+@pytest.mark.parametrize("overrides", [{}, {"train.eval_every": 2}])
+def test_resume_after_kill_equals_uninterrupted_run(data_root, tmp_path, capsys, overrides):
+  config = helpers.tiny_config(data_root, overrides)
   uninterrupted = train.train_and_evaluate(config, str(tmp_path / "a"), progress=False)
 
   killed = tmp_path / "b"
