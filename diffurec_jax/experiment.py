@@ -242,7 +242,7 @@ def run_experiment(config_path: str, preset_arg: str, overrides: dict, variants,
     if missing:
       raise ValueError(f"--baselines {missing} are not in --variants {names}.")
   else:
-    canonical = ["diffurec", "sasrec"]
+    canonical = list(report_lib.DEFAULT_BASELINES)
   check_preset_arg(preset_arg)
   check_overrides(overrides)
   module = load_config_module(config_path)

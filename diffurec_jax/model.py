@@ -62,10 +62,9 @@ class DiffuRec(nnx.Module):
     self.lambda_mean = model_config.lambda_mean
     self.lambda_std = model_config.lambda_std
     self.emb_dropout = model_config.emb_dropout
-    self.score_scale = float(model_config.get("score_scale", 1.0))
-    init_std = float(model_config.get("item_init_std", 1.0))
-    self.item_embedding = nnx.Param(
-        init_std * jax.random.normal(rngs.params(), (num_items + 1, hidden)))
+    self.score_scale = float(model_config.score_scale)
+    self.item_embedding = nnx.Param(model_config.item_init_std
+                                    * jax.random.normal(rngs.params(), (num_items + 1, hidden)))
     self.position_embedding = (
         nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, hidden)))
         if model_config.position_embedding else None)

@@ -31,6 +31,8 @@ ABLATION_MEANINGS = {
 }
 TSNE_USERS = 500
 TSNE_CLUSTERS = 5
+# Variants every other one is t-tested against, where they are in the grid.
+DEFAULT_BASELINES = ("diffurec", "sasrec")
 
 
 def published_path() -> pathlib.Path:
@@ -113,7 +115,7 @@ def table3(runs: dict) -> dict:
   return table
 
 
-def table4(t3: dict, baselines=("diffurec", "sasrec")) -> list[dict]:
+def table4(t3: dict, baselines=DEFAULT_BASELINES) -> list[dict]:
   """Paired t-tests of each variant against each baseline in the grid (default diffurec and
   sasrec); a pair already tested one way round is not repeated."""
   comparisons = []
@@ -258,7 +260,7 @@ def tsne(runs: dict, workdir: str, path: str) -> dict | None:
 
 
 def build_report(workdir: str, variants: list[str], seeds: int, command: str,
-                 baselines=("diffurec", "sasrec")) -> dict:
+                 baselines=DEFAULT_BASELINES) -> dict:
   """Every number of the report, from the finished runs of the grid; also draws the figures."""
   from diffurec_jax import experiment
   runs = {name: [read_run(experiment.run_dir(workdir, name, seed)) for seed in range(seeds)]
@@ -300,7 +302,7 @@ def build_report(workdir: str, variants: list[str], seeds: int, command: str,
 
 
 def write_report(workdir: str, variants: list[str], seeds: int, *, command: str,
-                 baselines=("diffurec", "sasrec")) -> dict:
+                 baselines=DEFAULT_BASELINES) -> dict:
   """Builds the report and writes report.json and report.md into `workdir`.
 
   `baselines`: the variants every other one is t-tested against (those in the grid).

@@ -110,8 +110,7 @@ def table4_section(report: dict) -> str:
     metric_rows.append([c["variant"], c["baseline"]] + cells)
   reasons = "".join(f"\n- n/a: {note}" for note in sorted(notes))
   return "\n".join([
-      "## Table 4: paired t-tests against " + " and ".join(
-          report.get("baselines", ["diffurec", "sasrec"])), "",
+      "## Table 4: paired t-tests against " + " and ".join(report["baselines"]), "",
       caption(report) + " Overall: one paired t-test (scipy.stats.ttest_rel) over all "
       "(metric, seed) pairs of the 7 metrics, as the DiffuRecSys paper's Table 4; average "
       "relative difference in percent of the baseline, and the average absolute difference in "

@@ -180,6 +180,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_epochs: int | None = 
     log.write(**record)
     summary = f"epoch {epoch:3d} loss {record['loss']:.4f} ({record['examples_per_s']:.0f} ex/s)"
 
+    improved = False  # Every epoch is checkpointed, validated or not: a kill loses one at most.
     if epoch % config.train.eval_every == 0 or epoch == config.train.num_epochs:
       bundle = model_lib.Bundle(bundle.graphdef, state.params)
       valid, _ = evaluate_lib.evaluate_split(bundle, dataset, "valid", config, mesh, eval_step,
@@ -192,13 +193,11 @@ def train_and_evaluate(config, workdir: str, *, stop_after_epochs: int | None = 
         meta["bad_evals"] += 1
       patience = config.train.patience
       stopped = bool(patience and meta["bad_evals"] >= patience)
-      meta.update(epoch=epoch, stopped=stopped)
-      checkpoints.save(epoch, state, meta, best=improved)
+      meta["stopped"] = stopped
       summary += (f" | valid {metric} {valid[metric]:.4f} hit@10 {valid['hit@10']:.4f}"
                   f" (best {meta['best_metric']:.4f} @ {meta['best_epoch']})")
-    else:  # Every epoch is checkpointed, validated or not: a kill loses at most one epoch.
-      meta.update(epoch=epoch)
-      checkpoints.save(epoch, state, meta, best=False)
+    meta["epoch"] = epoch
+    checkpoints.save(epoch, state, meta, best=improved)
     print(summary, flush=True)
     epochs_run += 1
 

@@ -47,8 +47,17 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise WorkdirError(f"{workdir} has no config.json: it is not a diffurec-jax workdir "
                        "(train one with bin/train.py --workdir).")
+  return ml_collections.ConfigDict(_read_config_json(path))
+
+
+def _read_config_json(path: str) -> dict:
+  """config.json as a dict, with fields added since it was written at their defaults."""
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    payload = json.load(f)
+  for field, default in _ADDED_FIELDS.items():
+    section, name = field.split(".")
+    payload.setdefault(section, {}).setdefault(name, default)
+  return payload
 
 
 def check_or_write_config(workdir: str, config, write: bool):
@@ -56,8 +65,7 @@ def check_or_write_config(workdir: str, config, write: bool):
   path = os.path.join(workdir, "config.json")
   new = _flatten(config_dict(config))
   if os.path.exists(path):
-    with open(path) as f:
-      old = {**_ADDED_FIELDS, **_flatten(json.load(f))}
+    old = _flatten(_read_config_json(path))
     differ = sorted(k for k in set(old) | set(new)
                     if old.get(k) != new.get(k) and k not in _RESUMABLE_CHANGES)
     if differ:

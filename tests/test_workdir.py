@@ -54,3 +54,10 @@ def test_runs_written_before_a_field_existed_resume_at_its_default(tmp_path, pre
   else:
     with pytest.raises(workdir_lib.WorkdirError, match="model.item_init_std"):
       workdir_lib.check_or_write_config(str(tmp_path), toys_config(presets), write=False)
+
+
+def test_load_config_fills_fields_added_since_the_run(tmp_path):
+  write_config_without(tmp_path, toys_config("diffurec,smallinit"), "model.score_scale")
+  config = workdir_lib.load_config(str(tmp_path))
+  assert config.model.score_scale == 1.0
+  assert config.model.item_init_std == 0.02  # Written fields are kept.
