@@ -6,6 +6,11 @@ input, so 3 of 4 blocks were dead). Cross-attention (DiffuRecSys Eq. 16) takes t
 stream lambda * (x_t + d_t) [B, L, H] as queries and the history [B, L, H] as keys and
 values, softmax over the sequence axis (the DiffuRecSys code normalised over heads).
 
+Dropout sites per block, as in the DiffuRec code: attention probabilities, the attention
+residual branch, the feed-forward's inner activation, the feed-forward residual branch and,
+with `block_output_dropout`, the whole block output (diffurec.py's TransformerBlock); then
+LN(Drop(h)) after the last block.
+
 `last_only=True` computes queries, attention output and feed-forward of the final block for
 the last position alone: x0_hat is read there, so the result is identical and cheaper.
 """
@@ -17,16 +22,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffurec_jax import attention
+from diffurec_jax import layers
 
 
 class FeedForward(nnx.Module):
   """h -> 4h (tanh-GELU) -> h, Xavier-normal weights as in DiffuRec."""
 
-  def __init__(self, hidden: int, dropout_rate: float, *, rngs: nnx.Rngs):
-    init = nnx.initializers.xavier_normal()
+  def __init__(self, hidden: int, dropout_rate: float,
+               style: layers.LayerStyle = layers.LayerStyle(), *, rngs: nnx.Rngs):
     self.dropout_rate = dropout_rate
-    self.inner = nnx.Linear(hidden, 4 * hidden, kernel_init=init, rngs=rngs)
-    self.outer = nnx.Linear(4 * hidden, hidden, kernel_init=init, rngs=rngs)
+    self.inner = layers.dense(hidden, 4 * hidden, style, xavier=True, rngs=rngs)
+    self.outer = layers.dense(4 * hidden, hidden, style, xavier=True, rngs=rngs)
 
   def __call__(self, x, key=None):
     hidden = jax.nn.gelu(self.inner(x), approximate=True)
@@ -37,17 +43,21 @@ class Block(nnx.Module):
   """One pre-LN block; `cross_attention` adds the DiffuRecSys target cross-attention."""
 
   def __init__(self, hidden: int, num_heads: int, dropout_rate: float, cross_attention: bool,
-               *, rngs: nnx.Rngs):
+               style: layers.LayerStyle = layers.LayerStyle(), *,
+               output_dropout: bool = True, rngs: nnx.Rngs):
     self.dropout_rate = dropout_rate
+    self.output_dropout = output_dropout
     if cross_attention:
-      self.cross_norm = nnx.LayerNorm(hidden, rngs=rngs)
-      self.cross = attention.MultiHeadAttention(hidden, num_heads, dropout_rate, rngs=rngs)
+      self.cross_norm = layers.layer_norm(hidden, style, rngs=rngs)
+      self.cross = attention.MultiHeadAttention(hidden, num_heads, dropout_rate, style,
+                                                rngs=rngs)
     else:
       self.cross_norm = self.cross = None
-    self.attention_norm = nnx.LayerNorm(hidden, rngs=rngs)
-    self.attention = attention.MultiHeadAttention(hidden, num_heads, dropout_rate, rngs=rngs)
-    self.ffn_norm = nnx.LayerNorm(hidden, rngs=rngs)
-    self.ffn = FeedForward(hidden, dropout_rate, rngs=rngs)
+    self.attention_norm = layers.layer_norm(hidden, style, rngs=rngs)
+    self.attention = attention.MultiHeadAttention(hidden, num_heads, dropout_rate, style,
+                                                  rngs=rngs)
+    self.ffn_norm = layers.layer_norm(hidden, style, rngs=rngs)
+    self.ffn = FeedForward(hidden, dropout_rate, style, rngs=rngs)
 
   def __call__(self, h, self_mask, query_len: int, target=None, cross_mask=None, key=None):
     """h [B, L, H]; target [B, L, H] or None; masks [B, Lq, L] -> [B, query_len, H]."""
@@ -59,27 +69,34 @@ class Block(nnx.Module):
     normed = self.attention_norm(h)
     attended = self.attention(normed[:, -query_len:], normed, self_mask, keys[2])
     h = h[:, -query_len:] + attention.dropout(attended, rate, keys[3])
-    return h + attention.dropout(self.ffn(self.ffn_norm(h), keys[4]), rate, keys[5])
+    h = h + attention.dropout(self.ffn(self.ffn_norm(h), keys[4]), rate, keys[5])
+    return attention.dropout(h, rate, keys[6]) if self.output_dropout else h
 
 
 class Approximator(nnx.Module):
   """num_blocks blocks, then LN(Drop(h))."""
 
   def __init__(self, hidden: int, num_blocks: int, num_heads: int, dropout_rate: float, *,
-               cross_attention: bool, mask_padding_keys: bool, causal: bool, rngs: nnx.Rngs):
+               cross_attention: bool, mask_padding_keys: bool, causal: bool,
+               mask_padding_queries: bool = False, block_output_dropout: bool = True,
+               style: layers.LayerStyle = layers.LayerStyle(), rngs: nnx.Rngs):
     self.dropout_rate = dropout_rate
     self.mask_padding_keys = mask_padding_keys
+    self.mask_padding_queries = mask_padding_queries
     self.causal = causal
     self.blocks = nnx.List([
-        Block(hidden, num_heads, dropout_rate, cross_attention, rngs=rngs)
+        Block(hidden, num_heads, dropout_rate, cross_attention, style,
+              output_dropout=block_output_dropout, rngs=rngs)
         for _ in range(num_blocks)])
-    self.final_norm = nnx.LayerNorm(hidden, rngs=rngs)
+    self.final_norm = layers.layer_norm(hidden, style, rngs=rngs)
 
   def __call__(self, h, key_mask, target=None, *, last_only: bool, key=None):
     """h [B, L, H], key_mask [B, L] bool, target [B, L, H] or None -> [B, L or 1, H]."""
     length = h.shape[1]
     masks = {q: attention.attention_mask(key_mask, q, mask_padding_keys=self.mask_padding_keys,
-                                         causal=self.causal) for q in {length, 1}}
+                                         causal=self.causal,
+                                         mask_padding_queries=self.mask_padding_queries)
+             for q in {length, 1}}
     # Cross-attention reads the whole history of every position: key padding only.
     cross_mask = attention.attention_mask(key_mask, length,
                                           mask_padding_keys=self.mask_padding_keys, causal=False)

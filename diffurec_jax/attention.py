@@ -1,8 +1,13 @@
-"""Multi-head attention with key-padding and causal masks (self- and cross-attention).
+"""Multi-head attention with padding and causal masks (self- and cross-attention).
 
 Shapes: queries [B, Lq, H], keys/values [B, Lk, H], mask [B, Lq, Lk] bool (True = may attend).
 Softmax runs in float32 over the key axis; masked logits get a large finite negative value so
-fully-masked rows (padding queries under a causal mask) stay finite and never produce NaN.
+fully-masked rows stay finite and never produce NaN: such a row attends uniformly to every
+key. Two padding conventions:
+  keys     (ours) a padding position is never read: masked columns.
+  queries  (the DiffuRec code) a padding position's own row is masked: it attends uniformly to
+           every position, real items included, while real queries read every key, padding
+           included (its mask is built from the query side, diffurec.py's Transformer).
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from diffurec_jax import layers
 
 _MASKED = -1e9
 
@@ -30,8 +37,8 @@ def split_key(key: jax.Array | None, num: int):
 
 
 def attention_mask(key_mask: jax.Array, query_len: int, *, mask_padding_keys: bool,
-                   causal: bool) -> jax.Array | None:
-  """Boolean mask [B, Lq, Lk] from the key validity mask [B, Lk].
+                   causal: bool, mask_padding_queries: bool = False) -> jax.Array | None:
+  """Boolean mask [B, Lq, Lk] from the position validity mask [B, Lk].
 
   Queries are the last `query_len` positions of the sequence (the full sequence when
   query_len == Lk; the last position alone when only x0_hat is needed).
@@ -40,6 +47,9 @@ def attention_mask(key_mask: jax.Array, query_len: int, *, mask_padding_keys: bo
   mask = None
   if mask_padding_keys:
     mask = jnp.broadcast_to(key_mask[:, None, :], (batch, query_len, key_len))
+  if mask_padding_queries:
+    rows = jnp.broadcast_to(key_mask[:, -query_len:, None], (batch, query_len, key_len))
+    mask = rows if mask is None else mask & rows
   if causal:
     query_pos = jnp.arange(key_len - query_len, key_len)[:, None]
     allowed = query_pos >= jnp.arange(key_len)[None, :]
@@ -50,17 +60,18 @@ def attention_mask(key_mask: jax.Array, query_len: int, *, mask_padding_keys: bo
 class MultiHeadAttention(nnx.Module):
   """Scaled dot-product attention over `num_heads` heads, output projection Xavier-normal."""
 
-  def __init__(self, hidden: int, num_heads: int, dropout_rate: float, *, rngs: nnx.Rngs):
+  def __init__(self, hidden: int, num_heads: int, dropout_rate: float,
+               style: layers.LayerStyle = layers.LayerStyle(), *, rngs: nnx.Rngs):
     if hidden % num_heads:
       raise ValueError(f"hidden={hidden} must be divisible by num_heads={num_heads}.")
     self.num_heads = num_heads
     self.dropout_rate = dropout_rate
-    self.query = nnx.Linear(hidden, hidden, rngs=rngs)
-    # No key bias: softmax over keys is invariant to it, so its gradient is pure rounding noise
-    # that Adam would amplify into steps.
-    self.key = nnx.Linear(hidden, hidden, use_bias=False, rngs=rngs)
-    self.value = nnx.Linear(hidden, hidden, rngs=rngs)
-    self.out = nnx.Linear(hidden, hidden, kernel_init=nnx.initializers.xavier_normal(), rngs=rngs)
+    self.query = layers.dense(hidden, hidden, style, rngs=rngs)
+    # No key bias by default: softmax over keys is invariant to it, so its gradient is pure
+    # rounding noise that Adam would amplify into steps (the DiffuRec code has one).
+    self.key = layers.dense(hidden, hidden, style, use_bias=style.key_bias, rngs=rngs)
+    self.value = layers.dense(hidden, hidden, style, rngs=rngs)
+    self.out = layers.dense(hidden, hidden, style, xavier=True, rngs=rngs)
 
   def __call__(self, queries, keys_values, mask, key=None):
     """queries [B, Lq, H], keys_values [B, Lk, H], mask [B|1, Lq, Lk] or None -> [B, Lq, H]."""

@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   model.mixing = "add"  # add (DiffuRec Eq. 15) | cross_attention (DiffuRecSys Eq. 16).
   model.position_embedding = True  # Learned positions, counted from the most recent item.
   model.mask_padding_keys = True  # Attention never attends to padding positions.
+  model.mask_padding_queries = False  # DiffuRec code: a padding query attends uniformly to all.
   model.causal = False  # Causal self-attention (SASRec always uses it).
   model.lambda_mean = 0.001  # lambda ~ N(lambda_mean, lambda_std) per element.
   model.lambda_std = 0.001
@@ -56,6 +57,11 @@ def base_config() -> ml_collections.ConfigDict:
   model.item_init_std = 1.0  # Item table ~ N(0, std^2); 1.0 = torch's nn.Embedding (papers' code).
   model.score_scale = 1.0  # Logits = score_scale * x0_hat . E^T (1.0 = the papers).
   model.reverse_variance = "beta"  # beta (DiffuRec code) | posterior (paper Eq. 23).
+  model.block_output_dropout = True  # Dropout on each block's whole output (DiffuRec code).
+  model.layer_norm_eps = 1e-12  # LayerNorm epsilon (DiffuRec code: 1e-12, TF style).
+  model.init = "torch"  # torch (DiffuRec code: torch defaults + Xavier) | flax (lecun, 0 bias).
+  model.attention_key_bias = False  # Key projection bias (cancels in softmax; DiffuRec has one).
+  model.loss_padding_column = False  # CE over all N+1 columns, padding included (DiffuRec code).
 
   noise = config.offset_noise = ml_collections.ConfigDict()
   noise.mode = "none"  # none|constant|per_example (training only).
@@ -67,6 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
   train.eval_batch_size = 1024  # Users per evaluation batch (padded, masked).
   train.learning_rate = 1e-3
   train.weight_decay = 1e-4  # Adam with L2 added to the gradient, as torch Adam does.
+  train.lr_schedule = "step"  # step: x lr_decay_rate every lr_decay_epochs | cosine: to 0 at num_epochs.
+  train.warmup_epochs = 0.0  # Linear warm-up from 0 over this many epochs (fractions allowed).
   train.lr_decay_epochs = 30  # Step decay: lr *= lr_decay_rate every this many epochs (0 = off).
   train.lr_decay_rate = 0.1
   train.grad_clip = 0.0  # Global-norm clip (0 = off).
@@ -74,6 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
   train.eval_every = 1  # Validate every this many epochs.
   train.patience = 10  # Early stop after this many evaluations without improvement (0 = off).
   train.valid_metric = "ndcg@10"  # Checkpoint selection metric (validation only).
+  train.selection = "metric"  # metric: best valid_metric | any: any valid metric improves (DiffuRec).
+  train.valid_users = 0  # Validate on a fixed random subset of this many users (0 = all).
+  train.valid_steps = 0  # Reverse steps of the validation sampler (0 = sample.steps); test: sample.*.
   train.keep_checkpoints = 2  # Latest checkpoints kept, besides the best.
   train.max_steps_per_epoch = 0  # Cap on steps per epoch (0 = full epoch); for smoke runs.
   train.length_buckets = (4, 8, 16, 32)  # Extra padded lengths below max_len (needs masked keys).
@@ -133,12 +144,53 @@ def _preset_sasrec(config):
 
 
 def _preset_upstream(config):
-  """DiffuRec's official code: no positions, padding keys attended, max_len 50."""
-  config.model.position_embedding = False
-  config.model.mask_padding_keys = False
-  config.model.causal = False
+  """DiffuRec's official code, numerically: its model conventions and its training recipe.
+
+  Architecture: no positions, the query-side padding mask, block-output dropout, LayerNorm
+  epsilon 1e-12, torch initialisation (N(0, 1) items, key bias), CE over all N+1 columns.
+  Recipe (main.py, trainer.py): Adam lr 1e-3, no weight decay, StepLR x0.1 every 100 epochs,
+  up to 500 epochs, validation every 20, patience 5 validations, a checkpoint kept when any
+  validation metric improves. Evaluation still never ranks the padding item.
+  """
+  model = config.model
+  model.position_embedding = False
+  model.mask_padding_keys = False
+  model.mask_padding_queries = True
+  model.causal = False
+  model.block_output_dropout = True
+  model.layer_norm_eps = 1e-12
+  model.init = "torch"
+  model.attention_key_bias = True
+  model.loss_padding_column = True
+  model.item_init_std = 1.0
+  model.score_scale = 1.0
+  model.reverse_variance = "beta"
   config.data.max_len = 50
   config.train.length_buckets = ()
+  _preset_paper(config)
+  config.train.selection = "any"
+
+
+def _preset_paper(config):
+  """Each paper's published training recipe, exactly (architecture untouched).
+
+  DiffuRec (main.py): N(0, 1) item table, Adam lr 1e-3, weight decay 0, StepLR x0.1 every 100
+  epochs, up to 500 epochs, validation every 20 epochs, patience 5 validations. DiffuRecSys
+  states the same optimiser, lr and epochs with its own batch 1024 / max_len 100 (its preset).
+  """
+  config.model.item_init_std = 1.0
+  train = config.train
+  train.learning_rate = 1e-3
+  train.weight_decay = 0.0
+  train.lr_schedule = "step"
+  train.warmup_epochs = 0.0
+  train.lr_decay_epochs = 100
+  train.lr_decay_rate = 0.1
+  train.num_epochs = 500
+  train.eval_every = 20
+  train.patience = 5
+  train.valid_users = 0
+  train.valid_steps = 0
 
 
 def _preset_nopos(config):
@@ -184,6 +236,7 @@ PRESETS = {
     "v2": _preset_v2,
     "sasrec": _preset_sasrec,
     "upstream": _preset_upstream,
+    "paper": _preset_paper,
     "nopos": _preset_nopos,
     "lambda0": _preset_lambda0,
     "smallinit": _preset_smallinit,

@@ -35,12 +35,35 @@ def make_eval_step(config):
   return jax.jit(eval_step)
 
 
+def user_subset(num_users: int, max_users: int, seed: int) -> np.ndarray | None:
+  """A fixed random subset of `max_users` of `num_users` users, sorted (None = all users)."""
+  if not max_users or max_users >= num_users:
+    return None
+  return np.sort(np.random.default_rng(seed).choice(num_users, max_users, replace=False))
+
+
+def validation_config(config):
+  """The config validation runs with: `train.valid_steps` reverse steps (0 = sample.steps)."""
+  if not config.train.valid_steps:
+    return config
+  valid_config = config.copy_and_resolve_references()
+  valid_config.sample.steps = config.train.valid_steps
+  return valid_config
+
+
 def evaluate_split(bundle, dataset, split: str, config, mesh, eval_step=None, *,
-                   progress: bool = True) -> tuple[dict, dict]:
-  """Metrics of `split` ('valid' | 'test') and per-user arrays (users, ranks, lengths)."""
+                   progress: bool = True, max_users: int = 0) -> tuple[dict, dict]:
+  """Metrics of `split` ('valid' | 'test') and per-user arrays (users, ranks, lengths).
+
+  `max_users` > 0 evaluates a fixed random subset of that many users (seeded by
+  sample.seed, the same subset every time); the test split always uses every user.
+  """
   eval_step = eval_step or make_eval_step(config)
   schedule = sample.sampling_schedule(config)
   examples = splits.eval_examples(dataset, split)
+  subset = user_subset(len(examples.users), max_users, config.sample.seed)
+  if subset is not None:
+    examples = examples.take(subset)
   lengths = batches_lib.bucket_lengths(config.data.max_len, bucket_config(config))
   history_lengths = (examples.ends - examples.starts).astype(np.int64)
   plans = batches_lib.eval_plan(history_lengths, config.train.eval_batch_size, lengths)
@@ -62,5 +85,7 @@ def evaluate_split(bundle, dataset, split: str, config, mesh, eval_step=None, *,
 
 
 def bucket_config(config):
-  """Length buckets are exact only when padding keys are masked; otherwise pad to max_len."""
-  return tuple(config.train.length_buckets) if config.model.mask_padding_keys else ()
+  """Length buckets are exact only when padding keys are masked and padding queries are not
+  (a padding query reads every position); otherwise pad to max_len."""
+  exact = config.model.mask_padding_keys and not config.model.mask_padding_queries
+  return tuple(config.train.length_buckets) if exact else ()

@@ -10,7 +10,8 @@ so `denoise(bundle, ...)`, `diffusion_loss(...)` and the samplers are pure funct
   e     = LayerNorm(Dropout_0.3(E[history] + P[recency]))    (positions optional)
   d_t   = MLP(sinusoidal(t * 1000 / T))
   x0_hat = Approximator(mix(e, lambda, x_t + d_t))[last position]
-  loss  = CE(x0_hat . E^T, target) over items 1..N (padding column excluded)
+  loss  = CE(x0_hat . E^T, target) over items 1..N (padding column excluded; with
+          model.loss_padding_column over all N+1 columns, as the DiffuRec code)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import optax
 from flax import nnx
 
 from diffurec_jax import approximator as approximator_lib
-from diffurec_jax import attention, mixing, schedule as schedule_lib
+from diffurec_jax import attention, layers, mixing, schedule as schedule_lib
 
 
 @flax.struct.dataclass
@@ -63,18 +64,22 @@ class DiffuRec(nnx.Module):
     self.lambda_std = model_config.lambda_std
     self.emb_dropout = model_config.emb_dropout
     self.score_scale = float(model_config.score_scale)
+    self.loss_padding_column = bool(model_config.loss_padding_column)
+    style = layers.LayerStyle.from_config(model_config)
     self.item_embedding = nnx.Param(model_config.item_init_std
                                     * jax.random.normal(rngs.params(), (num_items + 1, hidden)))
     self.position_embedding = (
         nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, hidden)))
         if model_config.position_embedding else None)
-    self.embedding_norm = nnx.LayerNorm(hidden, rngs=rngs)
-    self.step_inner = nnx.Linear(hidden, 4 * hidden, rngs=rngs)
-    self.step_outer = nnx.Linear(4 * hidden, hidden, rngs=rngs)
+    self.embedding_norm = layers.layer_norm(hidden, style, rngs=rngs)
+    self.step_inner = layers.dense(hidden, 4 * hidden, style, rngs=rngs)
+    self.step_outer = layers.dense(4 * hidden, hidden, style, rngs=rngs)
     self.approximator = approximator_lib.Approximator(
         hidden, model_config.num_blocks, model_config.num_heads, model_config.dropout,
         cross_attention=model_config.mixing == "cross_attention",
-        mask_padding_keys=model_config.mask_padding_keys, causal=model_config.causal, rngs=rngs)
+        mask_padding_keys=model_config.mask_padding_keys, causal=model_config.causal,
+        mask_padding_queries=model_config.mask_padding_queries,
+        block_output_dropout=model_config.block_output_dropout, style=style, rngs=rngs)
 
   def embed_history(self, history, key=None):
     """history [B, L] -> (e [B, L, H], key_mask [B, L] bool). Independent of x_t."""
@@ -115,15 +120,17 @@ def score_scale(bundle: Bundle) -> float:
   return getattr(merge(bundle), "score_scale", 1.0)
 
 
-def score(x0, table, scale: float = 1.0) -> jax.Array:
+def score(x0, table, scale: float = 1.0, *, keep_padding: bool = False) -> jax.Array:
   """Rounding: scale * x0 [..., H] . table[N+1, H]^T -> [..., N+1], padding column at -inf.
 
   `scale` only sharpens or flattens the softmax: the ranking of one chain never depends on it.
+  `keep_padding` leaves the padding column's logit in place (the DiffuRec code's loss);
+  rankings never use it.
   """
   scores = jnp.einsum("...h,nh->...n", x0, table.astype(x0.dtype)).astype(jnp.float32)
   if scale != 1.0:
     scores = scores * scale
-  return scores.at[..., 0].set(-jnp.inf)
+  return scores if keep_padding else scores.at[..., 0].set(-jnp.inf)
 
 
 def denoise(bundle: Bundle, history, x_t, t, rng, train: bool = False):
@@ -158,5 +165,6 @@ def diffusion_loss(params, graphdef, batch, rng, schedule, noise_config):
   eps = schedule_lib.training_noise(noise_key, x0.shape, mode, delta_c, scale)
   x_t = schedule_lib.q_sample(schedule, x0, t, eps)
   x0_hat = denoise(bundle, batch["history"], x_t, schedule.timesteps[t], model_key, train=True)
-  logits = score(x0_hat, table, score_scale(bundle))
+  model = merge(bundle)
+  logits = score(x0_hat, table, model.score_scale, keep_padding=model.loss_padding_column)
   return weighted_cross_entropy(logits, targets, batch["weights"])

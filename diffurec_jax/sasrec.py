@@ -16,6 +16,7 @@ from flax import nnx
 
 from diffurec_jax import approximator as approximator_lib
 from diffurec_jax import attention
+from diffurec_jax import layers
 from diffurec_jax import model as model_lib
 
 
@@ -28,10 +29,13 @@ class SASRec(nnx.Module):
                                                              (num_items + 1, hidden)))
     self.position_embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(),
                                                                  (max_len, hidden)))
-    self.embedding_norm = nnx.LayerNorm(hidden, rngs=rngs)
+    style = layers.LayerStyle.from_config(model_config)
+    self.embedding_norm = layers.layer_norm(hidden, style, rngs=rngs)
+    # SASRec's blocks have no dropout on the whole block output (DiffuRec's do).
     self.approximator = approximator_lib.Approximator(
         hidden, model_config.num_blocks, model_config.num_heads, model_config.dropout,
-        cross_attention=False, mask_padding_keys=True, causal=True, rngs=rngs)
+        cross_attention=False, mask_padding_keys=True, causal=True,
+        block_output_dropout=False, style=style, rngs=rngs)
 
   def __call__(self, history, *, last_only: bool, key=None):
     """history [B, L] -> hidden states [B, L or 1, H]."""

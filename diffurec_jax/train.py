@@ -53,13 +53,37 @@ def init_model(config, num_items: int) -> model_lib.Bundle:
   return model_lib.split(module_class(num_items, config.data.max_len, config.model, rngs=rngs))
 
 
-def make_optimizer(train_config, steps_per_epoch: int) -> optax.GradientTransformation:
-  """Adam + L2 weight decay added to the gradient (as torch Adam), step lr decay by epoch."""
-  learning_rate = train_config.learning_rate
-  if train_config.lr_decay_epochs:
-    learning_rate = optax.exponential_decay(
-        learning_rate, transition_steps=train_config.lr_decay_epochs * steps_per_epoch,
+LR_SCHEDULES = ("step", "cosine")
+
+
+def learning_rate_schedule(train_config, steps_per_epoch: int):
+  """step -> learning rate: linear warm-up, then a step decay by epoch or a cosine to 0.
+
+  step:   lr * lr_decay_rate ** floor(epoch / lr_decay_epochs) (torch StepLR; constant if 0)
+  cosine: lr * (1 + cos(pi * progress)) / 2 over the steps after warm-up, to num_epochs.
+  """
+  if train_config.lr_schedule not in LR_SCHEDULES:
+    raise ValueError(f"train.lr_schedule={train_config.lr_schedule!r}; use one of "
+                     f"{LR_SCHEDULES}.")
+  peak = train_config.learning_rate
+  warmup = int(round(train_config.warmup_epochs * steps_per_epoch))
+  if train_config.lr_schedule == "cosine":
+    total = max(train_config.num_epochs * steps_per_epoch - warmup, 1)
+    after = optax.cosine_decay_schedule(peak, total)
+  elif train_config.lr_decay_epochs:
+    after = optax.exponential_decay(
+        peak, transition_steps=train_config.lr_decay_epochs * steps_per_epoch,
         decay_rate=train_config.lr_decay_rate, staircase=True)
+  else:
+    after = optax.constant_schedule(peak)
+  if not warmup:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def make_optimizer(train_config, steps_per_epoch: int) -> optax.GradientTransformation:
+  """Adam + L2 weight decay added to the gradient (as torch Adam), scheduled learning rate."""
+  learning_rate = learning_rate_schedule(train_config, steps_per_epoch)
   parts = []
   if train_config.grad_clip:
     parts.append(optax.clip_by_global_norm(train_config.grad_clip))
@@ -140,7 +164,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after_epochs: int | None = 
   bundle = init_model(config, dataset.num_items)
   state = TrainState(bundle.params, tx.init(bundle.params), jnp.zeros((), jnp.int32))
   checkpoints = checkpoint_lib.Checkpoints(workdir, config.train.keep_checkpoints)
-  meta = {"epoch": 0, "best_epoch": 0, "best_metric": -math.inf, "bad_evals": 0}
+  meta = {"epoch": 0, "best_epoch": 0, "best_metric": -math.inf, "bad_evals": 0,
+          "wall_s": 0.0, "best_valid": {}}
   restored = checkpoints.restore("latest", state)
   if restored is not None:
     state, meta = restored
@@ -150,9 +175,15 @@ def train_and_evaluate(config, workdir: str, *, stop_after_epochs: int | None = 
   schedule = schedule_lib.make_schedule(config.model.schedule, config.model.diffusion_steps)
   train_step = make_train_step(loss_fn, bundle.graphdef, tx)
   eval_step = evaluate_lib.make_eval_step(config)
+  valid_config = evaluate_lib.validation_config(config)
+  valid_step = (evaluate_lib.make_eval_step(valid_config) if valid_config is not config
+                else eval_step)
   train_key = jax.random.fold_in(jax.random.key(config.seed), 1)
   metric = config.train.valid_metric
 
+  # Wall-clock seconds of the run so far, resumes included (start-up and compilation too).
+  wall_base, wall_start = float(meta.get("wall_s", 0.0)), time.time()
+  wall = lambda: round(wall_base + time.time() - wall_start, 3)
   epochs_run = 0
   epoch = meta["epoch"]
   stopped = meta.get("stopped", False)
@@ -176,40 +207,62 @@ def train_and_evaluate(config, workdir: str, *, stop_after_epochs: int | None = 
     seconds = time.time() - start
     record = {"epoch": epoch, "step": int(state.step), "split": "train",
               "loss": float(values.mean()), "seconds": round(seconds, 3),
-              "examples_per_s": round(count / max(seconds, 1e-9), 1)}
+              "examples_per_s": round(count / max(seconds, 1e-9), 1), "wall_s": wall()}
     log.write(**record)
     summary = f"epoch {epoch:3d} loss {record['loss']:.4f} ({record['examples_per_s']:.0f} ex/s)"
 
     improved = False  # Every epoch is checkpointed, validated or not: a kill loses one at most.
     if epoch % config.train.eval_every == 0 or epoch == config.train.num_epochs:
       bundle = model_lib.Bundle(bundle.graphdef, state.params)
-      valid, _ = evaluate_lib.evaluate_split(bundle, dataset, "valid", config, mesh, eval_step,
-                                             progress=progress and main)
-      log.write(epoch=epoch, step=int(state.step), split="valid", **valid)
-      improved = valid[metric] > meta["best_metric"]
+      valid, _ = evaluate_lib.evaluate_split(bundle, dataset, "valid", valid_config, mesh,
+                                             valid_step, progress=progress and main,
+                                             max_users=config.train.valid_users)
+      log.write(epoch=epoch, step=int(state.step), split="valid", wall_s=wall(), **valid)
+      improved = _improved(valid, meta, metric, config.train.selection)
       if improved:
-        meta.update(best_epoch=epoch, best_metric=valid[metric], bad_evals=0)
+        meta.update(best_epoch=epoch, best_metric=max(valid[metric], meta["best_metric"]),
+                    bad_evals=0)
       else:
         meta["bad_evals"] += 1
+      meta["best_valid"] = {k: max(v, meta["best_valid"].get(k, -math.inf))
+                            for k, v in valid.items() if k in RESULT_KEYS}
       patience = config.train.patience
       stopped = bool(patience and meta["bad_evals"] >= patience)
       meta["stopped"] = stopped
       summary += (f" | valid {metric} {valid[metric]:.4f} hit@10 {valid['hit@10']:.4f}"
                   f" (best {meta['best_metric']:.4f} @ {meta['best_epoch']})")
     meta["epoch"] = epoch
+    meta["wall_s"] = wall()
     checkpoints.save(epoch, state, meta, best=improved)
     print(summary, flush=True)
     epochs_run += 1
 
   meta["epoch"] = epoch
   results = _test_best(config, workdir, bundle, state, dataset, mesh, eval_step, checkpoints,
-                       meta, log, progress and main)
+                       meta, log, progress and main, wall)
   checkpoints.close()
   return results
 
 
+SELECTIONS = ("metric", "any")
+
+
+def _improved(valid: dict, meta: dict, metric: str, selection: str) -> bool:
+  """Whether this validation makes a new best checkpoint.
+
+  metric: `metric` beats its best so far. any: some HR/NDCG/MRR@K beats its own best so far
+  (the DiffuRec code's rule: it also resets the patience count).
+  """
+  if selection == "metric":
+    return valid[metric] > meta["best_metric"]
+  if selection == "any":
+    best = meta.get("best_valid", {})
+    return any(v > best.get(k, -math.inf) for k, v in valid.items() if k in RESULT_KEYS)
+  raise ValueError(f"train.selection={selection!r}; use one of {SELECTIONS}.")
+
+
 def _test_best(config, workdir, bundle, state, dataset, mesh, eval_step, checkpoints, meta,
-               log, progress):
+               log, progress, wall=lambda: None):
   """Restores the best-on-validation checkpoint and evaluates the test split once."""
   if checkpoints.best.latest_step() is None:
     raise checkpoint_lib.CheckpointError(
@@ -220,7 +273,7 @@ def _test_best(config, workdir, bundle, state, dataset, mesh, eval_step, checkpo
   valid = _valid_record(log, best_meta["best_epoch"])
   test, per_user = evaluate_lib.evaluate_split(best, dataset, "test", config, mesh, eval_step,
                                                progress=progress)
-  log.write(epoch=best_meta["best_epoch"], split="test", **test)
+  log.write(epoch=best_meta["best_epoch"], split="test", wall_s=wall(), **test)
   results = {
       "best_epoch": best_meta["best_epoch"],
       "valid": {k: valid[k] for k in RESULT_KEYS if k in valid},
@@ -230,6 +283,9 @@ def _test_best(config, workdir, bundle, state, dataset, mesh, eval_step, checkpo
       "mask_history": bool(config.train.mask_history), "sampler": config.sample.sampler,
       "sample_steps": config.sample.steps or config.model.diffusion_steps,
       "sample_seeds": config.sample.seeds, "seed": config.seed,
+      "wall_s": wall(), "valid_users": config.train.valid_users or dataset.num_users,
+      "valid_steps": config.train.valid_steps or config.sample.steps
+                     or config.model.diffusion_steps,
   }
   if sharding.is_main_process():
     np.savez(f"{workdir}/test_ranks.npz", **{k: np.asarray(v) for k, v in per_user.items()})

@@ -19,8 +19,16 @@ import numpy as np
 _RESUMABLE_CHANGES = ("data.root", "data.cache_dir", "data.download", "train.eval_batch_size",
                       "train.num_epochs")
 
-# Fields added after runs were written: an old config.json without them holds their default.
-_ADDED_FIELDS = {"model.score_scale": 1.0, "model.item_init_std": 1.0}
+# Fields added after runs were written: an old config.json without them gets the value that
+# reproduces how that run was made (the model before the upstream-convention switches had no
+# block-output dropout, LayerNorm epsilon 1e-6 and Flax initialisation).
+_ADDED_FIELDS = {
+    "model.score_scale": 1.0, "model.item_init_std": 1.0,
+    "model.mask_padding_queries": False, "model.block_output_dropout": False,
+    "model.layer_norm_eps": 1e-6, "model.init": "flax", "model.attention_key_bias": False,
+    "model.loss_padding_column": False, "train.selection": "metric", "train.valid_users": 0,
+    "train.valid_steps": 0, "train.lr_schedule": "step", "train.warmup_epochs": 0.0,
+}
 
 
 class WorkdirError(Exception):
