@@ -11,6 +11,13 @@ residual branch, the feed-forward's inner activation, the feed-forward residual 
 with `block_output_dropout`, the whole block output (diffurec.py's TransformerBlock); then
 LN(Drop(h)) after the last block.
 
+The DiffuRecSys code's approximator is available through switches (the `v1_released` preset):
+`cross_form` "linear_heads" (its linear cross-attention, keys normalised over heads, see
+attention.LinearAttention), `share_cross_attention_norm` (one LayerNorm before both
+attentions, its input_sublayer used twice), `cross_fill_padding_queries` (-1e9 context rows at
+padding positions) and `every_block_reads_input` (each block reads the approximator's input,
+so only the last block counts).
+
 `last_only=True` computes queries, attention output and feed-forward of the final block for
 the last position alone: x0_hat is read there, so the result is identical and cheaper.
 """
@@ -40,17 +47,27 @@ class FeedForward(nnx.Module):
 
 
 class Block(nnx.Module):
-  """One pre-LN block; `cross_attention` adds the DiffuRecSys target cross-attention."""
+  """One pre-LN block; `cross_attention` adds the DiffuRecSys target cross-attention.
+
+  `cross_form` picks the cross-attention (attention.CROSS_FORMS); `share_cross_norm` reuses the
+  self-attention's LayerNorm before the cross-attention (the DiffuRecSys code).
+  """
 
   def __init__(self, hidden: int, num_heads: int, dropout_rate: float, cross_attention: bool,
                style: layers.LayerStyle = layers.LayerStyle(), *,
-               output_dropout: bool = True, rngs: nnx.Rngs):
+               output_dropout: bool = True, cross_form: str = "dot_product",
+               share_cross_norm: bool = False, rngs: nnx.Rngs):
     self.dropout_rate = dropout_rate
     self.output_dropout = output_dropout
     if cross_attention:
-      self.cross_norm = layers.layer_norm(hidden, style, rngs=rngs)
-      self.cross = attention.MultiHeadAttention(hidden, num_heads, dropout_rate, style,
-                                                rngs=rngs)
+      self.cross_norm = None if share_cross_norm else layers.layer_norm(hidden, style, rngs=rngs)
+      if cross_form == "dot_product":
+        self.cross = attention.MultiHeadAttention(hidden, num_heads, dropout_rate, style,
+                                                  rngs=rngs)
+      else:
+        key_axis = {"linear": "sequence", "linear_heads": "heads"}[cross_form]
+        self.cross = attention.LinearAttention(hidden, num_heads, dropout_rate, key_axis, style,
+                                               rngs=rngs)
     else:
       self.cross_norm = self.cross = None
     self.attention_norm = layers.layer_norm(hidden, style, rngs=rngs)
@@ -59,15 +76,22 @@ class Block(nnx.Module):
     self.ffn_norm = layers.layer_norm(hidden, style, rngs=rngs)
     self.ffn = FeedForward(hidden, dropout_rate, style, rngs=rngs)
 
-  def __call__(self, h, self_mask, query_len: int, target=None, cross_mask=None, key=None):
-    """h [B, L, H]; target [B, L, H] or None; masks [B, Lq, L] -> [B, query_len, H]."""
+  def __call__(self, h, self_mask, query_len: int, target=None, cross_masks=(None, None),
+               key=None):
+    """h [B, L, H]; target [B, L, H] or None; self_mask [B, Lq, L] -> [B, query_len, H].
+
+    cross_masks: what the cross-attention takes after its inputs, (key mask, query fill):
+    ([B, L, L] or None, [B, L] or None) for dot product, ([B, L] or None, [B, L] or None) for
+    the linear forms.
+    """
     keys = attention.split_key(key, 7)
     rate = self.dropout_rate
     if self.cross is not None:
-      attended = self.cross(target, self.cross_norm(h), cross_mask, keys[0])
+      norm = self.attention_norm if self.cross_norm is None else self.cross_norm
+      attended = self.cross(target, norm(h), *cross_masks, key=keys[0])
       h = h + attention.dropout(attended, rate, keys[1])
     normed = self.attention_norm(h)
-    attended = self.attention(normed[:, -query_len:], normed, self_mask, keys[2])
+    attended = self.attention(normed[:, -query_len:], normed, self_mask, key=keys[2])
     h = h[:, -query_len:] + attention.dropout(attended, rate, keys[3])
     h = h + attention.dropout(self.ffn(self.ffn_norm(h), keys[4]), rate, keys[5])
     return attention.dropout(h, rate, keys[6]) if self.output_dropout else h
@@ -79,14 +103,23 @@ class Approximator(nnx.Module):
   def __init__(self, hidden: int, num_blocks: int, num_heads: int, dropout_rate: float, *,
                cross_attention: bool, mask_padding_keys: bool, causal: bool,
                mask_padding_queries: bool = False, block_output_dropout: bool = True,
+               cross_form: str = "dot_product", share_cross_attention_norm: bool = False,
+               cross_fill_padding_queries: bool = False, every_block_reads_input: bool = False,
                style: layers.LayerStyle = layers.LayerStyle(), rngs: nnx.Rngs):
+    if cross_form not in attention.CROSS_FORMS:
+      raise ValueError(f"model.cross_attention_form={cross_form!r}; use one of "
+                       f"{attention.CROSS_FORMS}.")
     self.dropout_rate = dropout_rate
     self.mask_padding_keys = mask_padding_keys
     self.mask_padding_queries = mask_padding_queries
     self.causal = causal
+    self.cross_form = cross_form
+    self.cross_fill_padding_queries = cross_fill_padding_queries
+    self.every_block_reads_input = every_block_reads_input
     self.blocks = nnx.List([
         Block(hidden, num_heads, dropout_rate, cross_attention, style,
-              output_dropout=block_output_dropout, rngs=rngs)
+              output_dropout=block_output_dropout, cross_form=cross_form,
+              share_cross_norm=share_cross_attention_norm, rngs=rngs)
         for _ in range(num_blocks)])
     self.final_norm = layers.layer_norm(hidden, style, rngs=rngs)
 
@@ -98,10 +131,18 @@ class Approximator(nnx.Module):
                                          mask_padding_queries=self.mask_padding_queries)
              for q in {length, 1}}
     # Cross-attention reads the whole history of every position: key padding only.
-    cross_mask = attention.attention_mask(key_mask, length,
-                                          mask_padding_keys=self.mask_padding_keys, causal=False)
+    if self.cross_form == "dot_product":
+      cross_keys = attention.attention_mask(key_mask, length,
+                                            mask_padding_keys=self.mask_padding_keys,
+                                            causal=False)
+    else:
+      cross_keys = key_mask if self.mask_padding_keys else None
+    cross_masks = (cross_keys, key_mask if self.cross_fill_padding_queries else None)
     keys = attention.split_key(key, len(self.blocks) + 1)
+    approximator_input = h
     for index, block in enumerate(self.blocks):
       query_len = 1 if last_only and index == len(self.blocks) - 1 else length
-      h = block(h, masks[query_len], query_len, target, cross_mask, keys[index])
+      # The DiffuRecSys code feeds every block the input: XLA drops the blocks before the last.
+      block_input = approximator_input if self.every_block_reads_input else h
+      h = block(block_input, masks[query_len], query_len, target, cross_masks, keys[index])
     return self.final_norm(attention.dropout(h, self.dropout_rate, keys[-1]))

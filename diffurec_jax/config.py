@@ -11,6 +11,9 @@ import ml_collections
 
 # Variant presets pick the system; they are mutually exclusive.
 VARIANTS = ("diffurec", "v1", "v2", "sasrec")
+# DiffuRecSys's released code (github.com/shararezr/DiffuRecSys): variant presets too, which
+# set config.variant to v1 / v2 and the switches that reproduce that code.
+RELEASED_VARIANTS = ("v1_released", "v2_released")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -62,11 +65,15 @@ def base_config() -> ml_collections.ConfigDict:
   model.init = "torch"  # torch (DiffuRec code: torch defaults + Xavier) | flax (lecun, 0 bias).
   model.attention_key_bias = False  # Key projection bias (cancels in softmax; DiffuRec has one).
   model.loss_padding_column = False  # CE over all N+1 columns, padding included (DiffuRec code).
+  model.cross_attention_form = "dot_product"  # dot_product|linear|linear_heads (DiffuRecSys code).
+  model.share_cross_attention_norm = False  # One LayerNorm before both attentions (DiffuRecSys).
+  model.cross_fill_padding_queries = False  # Padding rows of cross-attention := -1e9 (DiffuRecSys).
+  model.every_block_reads_input = False  # Blocks all read the input: last one counts (DiffuRecSys).
 
   noise = config.offset_noise = ml_collections.ConfigDict()
-  noise.mode = "none"  # none|constant|per_example (training only).
+  noise.mode = "none"  # none|constant|per_example|per_element (training only).
   noise.delta_c = 1.0  # 'constant': eps ~ N(0.1 * delta_c, I).
-  noise.scale = 0.1  # 'per_example': eps = N(0, I) + scale * s, s ~ N(0, 1) per example.
+  noise.scale = 0.1  # eps = N(0, I) + scale * s, s ~ N(0, 1) per example or per element.
 
   train = config.train = ml_collections.ConfigDict()
   train.batch_size = 1024  # Global batch (divided over devices).
@@ -121,6 +128,75 @@ def _preset_v2(config):
   _preset_v1(config)
   config.variant = "v2"
   config.offset_noise.mode = "constant"
+
+
+def _preset_v1_released(config):
+  """DiffuRecSys V1 as its released code runs it (shararezr/DiffuRecSys at 746866d).
+
+  diffurec.py: the cross-attention is linear attention with keys normalised over the heads
+  axis, its padding query rows set to -1e9, one LayerNorm shared by both attentions, no block
+  output dropout, and every block fed the original input (only the last block counts).
+  model.py: no positions, N(0, 1) item table, LayerNorm eps 1e-12, CE over all N+1 columns;
+  attention masks built from the query side as in DiffuRec. main.py / training.py: hidden
+  256, 4 blocks of 4 heads, max_len 100, batch 512, Adam lr 1e-3 with L2 1e-4, x0.1 after 30
+  epochs, 41 epochs, validation every 8 epochs, patience 3, a checkpoint kept when any metric
+  improves. See the README table "DiffuRecSys: paper vs released code vs ours".
+  """
+  _preset_v1(config)
+  model = config.model
+  model.hidden = 256
+  model.num_blocks = 4
+  model.num_heads = 4
+  model.dropout = 0.1
+  model.emb_dropout = 0.3
+  model.cross_attention_form = "linear_heads"
+  model.share_cross_attention_norm = True
+  model.cross_fill_padding_queries = True
+  model.every_block_reads_input = True
+  model.block_output_dropout = False
+  model.position_embedding = False
+  model.mask_padding_keys = False
+  model.mask_padding_queries = True
+  model.causal = False
+  model.layer_norm_eps = 1e-12
+  model.init = "torch"
+  model.attention_key_bias = True
+  model.loss_padding_column = True
+  model.item_init_std = 1.0
+  model.score_scale = 1.0
+  model.reverse_variance = "beta"
+  model.lambda_mean = 0.001
+  model.lambda_std = 0.001
+  model.diffusion_steps = 32
+  model.schedule = "trunc_lin"
+  config.data.max_len = 100
+  train = config.train
+  train.batch_size = 512
+  train.learning_rate = 1e-3
+  train.weight_decay = 1e-4
+  train.lr_schedule = "step"
+  train.warmup_epochs = 0.0
+  train.lr_decay_epochs = 30
+  train.lr_decay_rate = 0.1
+  train.num_epochs = 41
+  train.eval_every = 8
+  train.patience = 3
+  train.selection = "any"
+  train.valid_users = 0
+  train.valid_steps = 0
+  train.length_buckets = ()
+
+
+def _preset_v2_released(config):
+  """V1 released + the forward noise of the repository's V2 runs: randn + 0.1 * randn.
+
+  That is N(0, 1.01 I) per element, not the paper's N(0.1 * delta_c, I); the latest commit
+  (0a68a2a) has it switched off again, which is exactly `v1_released`.
+  """
+  _preset_v1_released(config)
+  config.variant = "v2"
+  config.offset_noise.mode = "per_element"
+  config.offset_noise.scale = 0.1
 
 
 def _preset_sasrec(config):
@@ -235,6 +311,8 @@ PRESETS = {
     "v1": _preset_v1,
     "v2": _preset_v2,
     "sasrec": _preset_sasrec,
+    "v1_released": _preset_v1_released,
+    "v2_released": _preset_v2_released,
     "upstream": _preset_upstream,
     "paper": _preset_paper,
     "nopos": _preset_nopos,
@@ -252,12 +330,12 @@ def apply_presets(config: ml_collections.ConfigDict, arg: str | None):
   if unknown:
     raise ValueError(
         f"Unknown preset(s) {unknown} in ':{arg}'; known presets: {sorted(PRESETS)}.")
-  variants = [name for name in names if name in VARIANTS]
+  variants = [name for name in names if name in VARIANTS + RELEASED_VARIANTS]
   if len(variants) > 1:
     raise ValueError(f"Choose one variant preset, got {variants}.")
   # The variant sets its paper's defaults first; the other presets refine them.
   PRESETS[variants[0] if variants else "diffurec"](config)
   for name in names:
-    if name not in VARIANTS:
+    if name not in variants:
       PRESETS[name](config)
   return config

@@ -79,7 +79,11 @@ class DiffuRec(nnx.Module):
         cross_attention=model_config.mixing == "cross_attention",
         mask_padding_keys=model_config.mask_padding_keys, causal=model_config.causal,
         mask_padding_queries=model_config.mask_padding_queries,
-        block_output_dropout=model_config.block_output_dropout, style=style, rngs=rngs)
+        block_output_dropout=model_config.block_output_dropout,
+        cross_form=model_config.cross_attention_form,
+        share_cross_attention_norm=model_config.share_cross_attention_norm,
+        cross_fill_padding_queries=model_config.cross_fill_padding_queries,
+        every_block_reads_input=model_config.every_block_reads_input, style=style, rngs=rngs)
 
   def embed_history(self, history, key=None):
     """history [B, L] -> (e [B, L, H], key_mask [B, L] bool). Independent of x_t."""

@@ -22,7 +22,7 @@ import numpy as np
 
 SCHEDULES = ("trunc_lin", "linear", "cosine", "sqrt")
 VARIANCES = ("beta", "posterior")
-NOISE_MODES = ("none", "constant", "per_example")
+NOISE_MODES = ("none", "constant", "per_example", "per_element")
 
 
 @flax.struct.dataclass
@@ -205,6 +205,8 @@ def training_noise(key: jax.Array, shape: tuple[int, ...], mode: str, delta_c: f
 
   'none': N(0, I). 'constant': N(0.1 * delta_c, I) (DiffuRecSys Eq. 17). 'per_example': N(0, I) plus
   scale * s, s ~ N(0, 1) drawn once per example ([B, 1]) and shared across H (offset noise).
+  'per_element': N(0, I) + scale * N(0, I), a fresh draw per element, i.e. N(0, (1 + scale^2) I)
+  with no offset at all: the DiffuRecSys code's "offset noise" (randn + 0.1 * randn).
   The same key gives the same N(0, I) part in every mode.
   """
   if mode not in NOISE_MODES:
@@ -215,6 +217,8 @@ def training_noise(key: jax.Array, shape: tuple[int, ...], mode: str, delta_c: f
     eps = eps + 0.1 * delta_c
   elif mode == "per_example":
     eps = eps + scale * jax.random.normal(offset_key, (*shape[:-1], 1))
+  elif mode == "per_element":
+    eps = eps + scale * jax.random.normal(offset_key, shape)
   return eps
 
 
