@@ -9,7 +9,7 @@ reverse step). Each run is an ordinary workdir W/<variant>/seed<k>; rerunning re
 finished runs. --config.<field> overrides apply to every variant.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from diffurec_jax import cli
@@ -48,4 +48,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -2,12 +2,16 @@
 
   python bin/infer.py --workdir W                      # test metrics of the best checkpoint (JSON last line)
   python bin/infer.py --workdir W --input h.csv --output recs.csv --topk 10
+
+Recommendation columns: user, rank, item, score, error (error is set only on the one row of
+a user none of whose items the model knows). History items are excluded unless
+--noexclude_history.
 """
 
 import json
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from diffurec_jax import cli
 
@@ -15,7 +19,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir trained by bin/train.
 _INPUT = flags.DEFINE_string("input", None, "CSV/TSV/parquet (user,item[,timestamp]) or JSONL "
                              "({'user':..,'items':[..]}) histories in ORIGINAL ids.")
 _OUTPUT = flags.DEFINE_string("output", None, "Recommendations: .csv, .tsv or .parquet.")
-_TOPK = flags.DEFINE_integer("topk", 10, "Recommendations per user.")
+_TOPK = flags.DEFINE_integer("topk", 10, "Recommendations per user (1 to the number of items).")
+_EXCLUDE = flags.DEFINE_bool(
+    "exclude_history", True, "Never recommend an item of the user's own history "
+    "(--noexclude_history allows it). Test metrics (no --input) keep the run's protocol.")
 _SEEDS = flags.DEFINE_integer("seeds", 0, "Ensemble size (0 = the run's config).")
 _STEPS = flags.DEFINE_integer("steps", 0, "Reverse steps K, respaced (0 = the run's config).")
 _SAMPLER = flags.DEFINE_enum("sampler", "", ["", "reverse", "ddim", "one_step"],
@@ -32,6 +39,8 @@ def main(argv):
   def run():
     if _INPUT.value and not _OUTPUT.value:
       raise infer.InputError("--input needs --output (a .csv, .tsv or .parquet path).")
+    if _INPUT.value and _TOPK.value < 1:
+      infer.check_topk(_TOPK.value, 1)  # Before loading anything.
     loaded = infer.load(_WORKDIR.value, seeds=_SEEDS.value, steps=_STEPS.value,
                         sampler=_SAMPLER.value)
     if not _INPUT.value:
@@ -44,7 +53,8 @@ def main(argv):
       return
     users, sequences = infer.read_histories(_INPUT.value)
     frame, counts = infer.recommend(loaded, users, sequences, topk=_TOPK.value,
-                                    batch_size=_BATCH.value)
+                                    batch_size=_BATCH.value,
+                                    exclude_history=_EXCLUDE.value)
     infer.write_recommendations(frame, _OUTPUT.value)
     if counts["unknown_items_skipped"] or counts["users_without_known_items"]:
       print(f"warning: skipped {counts['unknown_items_skipped']} unknown item(s); "
@@ -56,4 +66,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -3,7 +3,7 @@
 Rerunning the same command resumes from the latest checkpoint; a finished run says so.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from diffurec_jax import cli
@@ -21,4 +21,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,13 +1,38 @@
-"""Shared plumbing of the bin/ entrypoints: distributed setup and errors for people."""
+"""Shared plumbing of the bin/ entrypoints: flags, help, distributed setup, errors for people.
+
+`run(main)` replaces `absl.app.run(main)`: `--help` prints the script's flags, the presets and
+every config field with its comment (exit 0); a bad flag, config override or preset is one
+`error:` line (exit 2). `run_guarded(function)` turns the library's user-facing exceptions
+into one `error:` line and exit 2, and an interrupt into one line and exit 130. `--verbose`
+(or DIFFUREC_TRACEBACK=1) shows the traceback instead.
+"""
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import sys
 
+from absl import app
+from absl import flags
+
 # The exceptions that mean "bad input": one sentence on stderr, exit status 2.
-_USER_ERRORS = ("DataError", "WorkdirError", "CheckpointError", "InputError",
-                "FloatingPointError", "ValueError")
+_USER_ERRORS = ("DataError", "WorkdirError", "CheckpointError", "InputError", "ConfigError",
+                "FloatingPointError", "ValueError", "PermissionError")
+_HELP_ARGS = ("--help", "-h", "-?", "--helpshort", "-help")
+
+_VERBOSE = flags.DEFINE_bool("verbose", False,
+                             "Show the traceback of an error (also DIFFUREC_TRACEBACK=1).")
+
+
+def verbose() -> bool:
+  if os.environ.get("DIFFUREC_TRACEBACK", "") not in ("", "0"):
+    return True
+  try:
+    return bool(flags.FLAGS["verbose"].present and _VERBOSE.value)
+  except flags.Error:  # Flags not parsed (yet): a flag error is being reported.
+    return "--verbose" in sys.argv
 
 
 def setup():
@@ -18,7 +43,6 @@ def setup():
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
                          "diffurec_jax", "xla")
     jax.config.update("jax_compilation_cache_dir", cache)
-  from absl import flags
   verbosity_given = "verbosity" in flags.FLAGS and flags.FLAGS["verbosity"].present
   if not verbosity_given:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint operation at INFO.
@@ -27,11 +51,126 @@ def setup():
 
 
 def run_guarded(function):
-  """Runs `function`; known user errors become `error: ...` and exit status 2."""
+  """Runs `function`; user errors become `error: ...` (exit 2), interrupts exit 130."""
+  from diffurec_jax import interrupt
   try:
     return function()
+  except interrupt.Interrupted as error:
+    if verbose():
+      raise
+    print(str(error), file=sys.stderr, flush=True)
+    sys.exit(interrupt.EXIT_STATUS)
+  except KeyboardInterrupt:
+    if verbose():
+      raise
+    print("interrupted", file=sys.stderr, flush=True)
+    sys.exit(interrupt.EXIT_STATUS)
   except Exception as error:  # Re-raised unless it is one of the user-facing kinds.
-    if type(error).__name__ not in _USER_ERRORS:
+    if type(error).__name__ not in _USER_ERRORS or verbose():
       raise
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
+
+
+# Flags and help ------------------------------------------------------------------------------
+
+
+def _one_line(error: Exception) -> str:
+  """The human part of a flag-parsing error, on one line."""
+  while isinstance(error, (KeyError, AttributeError)) and error.args and isinstance(
+      error.args[0], Exception):
+    error = error.args[0]
+  text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if "Traceback" in text:
+    lines = lines[-1:]  # The config file's own error, not the stack.
+  line = re.sub(r"^\w+(Error|Exception): ", "", " ".join(lines))
+  if "Did you mean" in line:
+    line = "no such config field " + line.replace(" Did you mean", "; did you mean")
+  return line
+
+
+def parse_flags(argv):
+  """absl flag parsing; --help exits 0 with the full help, a bad flag or config exits 2."""
+  if any(arg in _HELP_ARGS for arg in argv[1:]):
+    print(help_text(argv[0]))
+    sys.exit(0)
+  try:
+    args = flags.FLAGS(argv)
+    if "config" in flags.FLAGS and flags.FLAGS["config"].present:
+      _ = flags.FLAGS.config.data  # A config file that failed to load raises only when read.
+      from diffurec_jax import config_check
+      config_check.validate(flags.FLAGS.config)  # Values, before anything is read or built.
+    return args
+  except (flags.Error, KeyError, AttributeError, OSError, ValueError, TypeError) as error:
+    if verbose() or "--verbose" in argv:
+      raise
+    if type(error).__name__ == "ConfigError":
+      print(f"error: {error}", file=sys.stderr)
+    else:
+      print(f"error: bad flag or config ({_one_line(error)}); see --help.", file=sys.stderr)
+    sys.exit(2)
+
+
+def run(main):
+  """absl.app.run(main) with `parse_flags`."""
+  app.run(main, flags_parser=parse_flags)
+
+
+PRESET_NOTES = {
+    "diffurec": "DiffuRec: additive mixing, batch 512, max_len 50 (the default variant)",
+    "v1": "DiffuRecSys V1: cross-attention mixing, batch 1024, max_len 100",
+    "v2": "DiffuRecSys V2: V1 + constant offset noise in training",
+    "sasrec": "SASRec with full cross-entropy (the baseline)",
+    "nopos": "ablation: no position embedding",
+    "lambda0": "ablation: lambda = 0 (no diffusion signal in the history)",
+    "steps1": "one reverse step at inference",
+}
+
+
+def _first_line(text: str | None) -> str:
+  return (text or "").strip().splitlines()[0].rstrip(".") if (text or "").strip() else ""
+
+
+def preset_lines() -> list[str]:
+  from diffurec_jax import config as config_lib
+  lines = []
+  for name, function in config_lib.PRESETS.items():
+    note = PRESET_NOTES.get(name) or _first_line(function.__doc__)
+    lines.append(f"  {name:12s} {note}")
+  return lines
+
+
+_FIELD = re.compile(r"^\s*(config|data|model|noise|train|sample)\.(\w+) = (.+?)(?:\s+#\s*(.*))?$")
+_SECTIONS = {"config": "", "data": "data.", "model": "model.", "noise": "offset_noise.",
+             "train": "train.", "sample": "sample."}
+
+
+def config_field_lines() -> list[str]:
+  """`  train.batch_size = 1024  Global batch (divided over devices).` for every field."""
+  from diffurec_jax import config as config_lib
+  lines = []
+  for source_line in inspect.getsource(config_lib.base_config).splitlines():
+    match = _FIELD.match(source_line)
+    if match:
+      section, name, default, comment = match.groups()
+      lines.append(f"  {_SECTIONS[section] + name} = {default}" + (f"  # {comment}"
+                                                                  if comment else ""))
+  return lines
+
+
+def help_text(program: str) -> str:
+  main = sys.modules.get("__main__")
+  parts = [(main.__doc__ or "").strip(), "", "flags:",
+           flags.FLAGS.main_module_help().split("\n", 1)[-1] if flags.FLAGS.main_module_help()
+           else "  (none)",
+           "  --[no]verbose: " + flags.FLAGS["verbose"].help]
+  if "config" in flags.FLAGS:
+    parts += ["", "--config takes configs/<dataset>.py[:preset,preset...]: configs/beauty.py, "
+                  "configs/toys.py, configs/ml1m.py, configs/custom.py. Presets:"]
+    parts += preset_lines()
+    parts += ["", "Config fields (override any with --config.<field>=VALUE; defaults of "
+                  "diffurec_jax/config.py, before the dataset file and presets):"]
+    parts += config_field_lines()
+  parts += ["", f"All absl flags: {os.path.basename(program)} --helpfull"]
+  return "\n".join(parts)

@@ -3,15 +3,16 @@
 `load(workdir, overrides)` restores the best checkpoint with the run's own config.json and id
 map. `recommend(...)` scores histories given in ORIGINAL item ids: unknown items are skipped
 (and counted), users left with no known item get an error row instead of stopping the batch.
-Input files: CSV/TSV/parquet with columns user, item[, timestamp] (sorted by time per user,
-ties in file order), or JSONL lines {"user": ..., "items": [...]} (already in order).
+History items are not recommended again unless `exclude_history=False`.
+Output columns: user, rank, item, score, error (error is empty except on a user's single
+error row). Input files: CSV/TSV/parquet with columns user, item[, timestamp] (sorted by time
+per user, ties in file order), or JSONL lines {"user": ..., "items": [...]} (already in order).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 
 import jax
@@ -127,18 +128,37 @@ def read_histories(path: str) -> tuple[list[str], list[list[str]]]:
   return users, sequences
 
 
+def check_topk(topk: int, num_items: int):
+  """--topk must be in [1, number of items]: one sentence otherwise."""
+  if topk < 1:
+    raise InputError(f"--topk {topk} asks for no recommendations; use --topk 1 or more "
+                     "(default 10).")
+  if topk > num_items:
+    raise InputError(f"--topk {topk} is more than the {num_items} items the model knows; use "
+                     f"--topk {num_items} or fewer.")
+
+
 def recommend(loaded: Loaded, users: list[str], sequences: list[list[str]], *, topk: int,
-              batch_size: int = 256, progress: bool = True) -> tuple[pl.DataFrame, dict]:
-  """Top-K per user as a frame (user, rank, item, score, error) and counts of what was skipped."""
+              batch_size: int = 256, progress: bool = True,
+              exclude_history: bool = True) -> tuple[pl.DataFrame, dict]:
+  """Top-K per user as a frame (user, rank, item, score, error) and counts of what was skipped.
+
+  exclude_history: never recommend an item of the user's own (whole) history; a user then
+  gets fewer than K rows only if fewer than K items are left.
+  """
   config = loaded.config
   max_len = config.data.max_len
+  num_items = len(loaded.item_ids) - 1
+  check_topk(topk, num_items)
   lookup = {item: index for index, item in enumerate(loaded.item_ids) if index > 0}
   user_lookup = {user: index for index, user in enumerate(loaded.user_ids)}
   encoded = [[lookup.get(item, 0) for item in sequence] for sequence in sequences]
   unknown = sum(sum(1 for i in seq if i == 0) for seq in encoded)
   encoded = [np.asarray([i for i in seq if i > 0], dtype=np.int32) for seq in encoded]
   rows_ok = [k for k, seq in enumerate(encoded) if len(seq)]
-  topk = min(topk, len(loaded.item_ids) - 1)
+  # Enough candidates that K remain after dropping the history's items on the host.
+  longest = max((len(np.unique(seq)) for seq in encoded), default=0)
+  candidates = min(topk + longest, num_items) if exclude_history else topk
   flat = np.concatenate([encoded[k] for k in rows_ok]) if rows_ok else np.zeros(0, np.int32)
   lengths = np.asarray([len(encoded[k]) for k in rows_ok], dtype=np.int64)
   ends = np.cumsum(lengths)
@@ -150,14 +170,15 @@ def recommend(loaded: Loaded, users: list[str], sequences: list[list[str]], *, t
   @jax.jit
   def top_items(bundle, batch, key, schedule):
     log_probs = scorer(bundle, batch["history"], batch["users"], key, schedule)
-    return jax.lax.top_k(log_probs, topk)
+    log_probs = log_probs.at[:, 0].set(-jnp.inf)  # The padding item is never recommended.
+    return jax.lax.top_k(log_probs, candidates)
 
   schedule = sample.sampling_schedule(config)
   key = jax.random.key(config.sample.seed)
   lengths_bucket = batches_lib.bucket_lengths(max_len, evaluate_lib.bucket_config(config))
   plans = batches_lib.eval_plan(np.minimum(lengths, max_len), batch_size, lengths_bucket)
-  scores = np.zeros((len(rows_ok), topk), np.float32)
-  items = np.zeros((len(rows_ok), topk), np.int64)
+  scores = np.zeros((len(rows_ok), candidates), np.float32)
+  items = np.zeros((len(rows_ok), candidates), np.int64)
   for plan in tqdm(plans, desc="recommend", disable=not progress, leave=False):
     batch = batches_lib.build(plan, examples, flat)
     values, indices = jax.device_get(top_items(loaded.bundle, batch, key, schedule))
@@ -170,15 +191,15 @@ def recommend(loaded: Loaded, users: list[str], sequences: list[list[str]], *, t
     if k not in position:
       _append(records, user, None, None, None, "no known item in history")
       continue
-    for rank in range(topk):
-      row = position[k]
-      _append(records, user, rank + 1, str(loaded.item_ids[items[row, rank]]),
-              float(np.exp(scores[row, rank])), None)
+    row = position[k]
+    seen = set(encoded[k].tolist()) if exclude_history else set()
+    picked = [c for c in range(candidates)
+              if items[row, c] not in seen and np.isfinite(scores[row, c])][:topk]
+    for rank, column in enumerate(picked):
+      _append(records, user, rank + 1, str(loaded.item_ids[items[row, column]]),
+              float(np.exp(scores[row, column])), None)
   counts = {"users": len(users), "users_without_known_items": len(users) - len(rows_ok),
             "unknown_items_skipped": unknown}
-  if unknown or counts["users_without_known_items"]:
-    logging.warning("Skipped %d unknown item(s); %d user(s) had no known item.", unknown,
-                    counts["users_without_known_items"])
   return pl.DataFrame(records, schema={"user": pl.String, "rank": pl.Int64, "item": pl.String,
                                        "score": pl.Float64, "error": pl.String}), counts
 

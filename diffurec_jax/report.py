@@ -8,6 +8,7 @@ number) and report.md (rendered from report.json only, see `report_markdown`).
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 import pathlib
@@ -35,20 +36,23 @@ TSNE_CLUSTERS = 5
 DEFAULT_BASELINES = ("diffurec", "sasrec")
 
 
-def published_path() -> pathlib.Path:
-  """$DIFFUREC_REFERENCE, else shared/reference/published_results.json beside the clone."""
-  default = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference"
-             / "published_results.json")
-  return pathlib.Path(os.environ.get("DIFFUREC_REFERENCE") or default)
+PUBLISHED_PACKAGE_FILE = "reference/published_results.json"  # Ships inside diffurec_jax.
+
+
+def published_source() -> str:
+  """Where the published figures come from: $DIFFUREC_REFERENCE, else the packaged file."""
+  return os.environ.get("DIFFUREC_REFERENCE") or f"diffurec_jax/{PUBLISHED_PACKAGE_FILE}"
 
 
 def published_results(dataset: str) -> dict:
-  """{label: {metric: value}} of published numbers for `dataset` ({} if the file is absent)."""
-  path = published_path()
-  if not path.is_file():
-    return {}
-  with open(path) as f:
-    entries = json.load(f).get(dataset, {})
+  """{label: {metric: value}} of published numbers for `dataset` (papers' tables, packaged)."""
+  override = os.environ.get("DIFFUREC_REFERENCE")
+  if override:
+    text = pathlib.Path(override).read_text()
+  else:
+    text = importlib.resources.files("diffurec_jax").joinpath(
+        PUBLISHED_PACKAGE_FILE).read_text()
+  entries = json.loads(text).get(dataset, {})
   return {PUBLISHED_LABELS.get(name, name): values for name, values in entries.items()}
 
 
@@ -277,7 +281,7 @@ def build_report(workdir: str, variants: list[str], seeds: int, command: str,
       "runs": summaries, "table3": t3, "baselines": [b for b in baselines if b in t3],
       "table4": table4(t3, baselines),
       "published": published_results(first["dataset"]),
-      "published_source": str(published_path()),
+      "published_source": published_source(),
       "head_tail": head_tail(runs), "length_groups": length_groups(runs),
       "diffusion": diffusion_answer(t3),
   }

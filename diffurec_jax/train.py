@@ -4,11 +4,18 @@ One jitted train step (state donated, fixed shapes per length bucket, per-step R
 `fold_in(key, step)`), Adam with L2 weight decay and a step learning-rate decay, validation
 every `eval_every` epochs with early stopping on the validation metric, the best checkpoint
 tested once at the end. A rerun on the same workdir resumes from the latest checkpoint; a
-finished run says so and returns its results.
+finished run says so and returns its results (and writes nothing).
+
+Config values are checked before anything is read (config_check). SIGINT/SIGTERM stop at the
+next step boundary and save the partial epoch (interrupt.PartialCheckpoint): the epoch plan is
+a function of (seed, epoch) and each step's RNG of the step number, so (state, position,
+losses so far) resume it bit-identically. Progress: a bar of finished steps per epoch, a
+notice per compilation, and the run's remaining time after each epoch (progress).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -25,12 +32,17 @@ from tqdm.auto import tqdm
 from diffurec_jax import batches as batches_lib
 from diffurec_jax import checkpoint as checkpoint_lib
 from diffurec_jax import config as config_lib
+from diffurec_jax import config_check
 from diffurec_jax import data as data_lib
 from diffurec_jax import evaluate as evaluate_lib
+from diffurec_jax import interrupt as interrupt_lib
+from diffurec_jax import learning_curve
 from diffurec_jax import model as model_lib
+from diffurec_jax import progress as progress_lib
 from diffurec_jax import sasrec as sasrec_lib
 from diffurec_jax import schedule as schedule_lib
 from diffurec_jax import sharding
+from diffurec_jax import tensorboard as tensorboard_lib
 from diffurec_jax import workdir as workdir_lib
 from diffurec_jax.data import splits
 
@@ -132,26 +144,50 @@ def _check_finite(losses, first_step: int, epoch: int, checkpoints):
 
 
 def train_and_evaluate(config, workdir: str, *, stop_after_epochs: int | None = None,
+                       stop_after_steps: int | None = None,
                        progress: bool = True) -> dict | None:
   """Trains, selects on validation, tests the best checkpoint once; returns results.json.
 
   `stop_after_epochs` ends this call after that many epochs without finishing the run (as a
-  kill would): rerunning resumes. Returns None in that case.
+  kill would): rerunning resumes. Returns None in that case. `stop_after_steps` acts as a
+  Ctrl-C after that many steps of this call: the partial epoch is saved and
+  `interrupt.Interrupted` raised. SIGINT/SIGTERM do the same at the next step boundary.
   """
+  config_check.validate(config)  # Before any data is read or any step compiled.
   main = sharding.is_main_process()
-  workdir_lib.check_or_write_config(workdir, config, write=main)
   finished = workdir_lib.read_json(workdir, "results.json")
-  if finished is not None:
+  if finished is not None:  # A finished run is never written to (it may be read-only).
+    workdir_lib.check_config(workdir, config)
     logging.info("%s is finished (results.json exists); nothing to do.", workdir)
     print(f"{workdir}: run already finished; results in {workdir}/results.json")
     return finished
+  status = {"message": "interrupted before training started; nothing was trained; rerun the "
+                       "same command to start"}
+  with interrupt_lib.Interrupts() as interrupts, contextlib.ExitStack() as stack:
+    if main:
+      workdir_lib.check_writable(workdir)
+      stack.enter_context(workdir_lib.Lock(workdir))
+    try:
+      return _train(config, workdir, main, interrupts, status, stop_after_epochs,
+                    stop_after_steps, progress)
+    except interrupt_lib.Interrupted as error:
+      if str(error).startswith("interrupted by"):  # Straight from the signal handler.
+        raise interrupt_lib.Interrupted(status["message"]) from None
+      raise
+
+
+def _train(config, workdir, main, interrupts, status, stop_after_epochs, stop_after_steps,
+           progress):
+  workdir_lib.check_or_write_config(workdir, config, write=main)  # Says if it replaced one.
   mesh = sharding.make_mesh()
   sharding.check_batch_size(config.train.batch_size, mesh)
   sharding.check_batch_size(config.train.eval_batch_size, mesh, "train.eval_batch_size")
   dataset = data_lib.prepare(config.data)
   if main:
     workdir_lib.save_id_map(workdir, dataset)
-  log = workdir_lib.MetricsLog(workdir, main)
+  events = tensorboard_lib.EventWriter(workdir, enabled=main)
+  log = workdir_lib.MetricsLog(workdir, main, listeners=(events.write,))
+  say = (lambda message: tqdm.write(message)) if main else (lambda message: None)
 
   examples, loss_fn, next_items = training_setup(config, dataset)
   lengths = batches_lib.bucket_lengths(config.data.max_len, evaluate_lib.bucket_config(config))
@@ -160,17 +196,39 @@ def train_and_evaluate(config, workdir: str, *, stop_after_epochs: int | None = 
       history_lengths, config.train.batch_size, lengths, config.seed, epoch,
       config.train.max_steps_per_epoch)
   steps_per_epoch = len(plan_for(1))
+  num_epochs = config.train.num_epochs
   tx = make_optimizer(config.train, steps_per_epoch)
   bundle = init_model(config, dataset.num_items)
   state = TrainState(bundle.params, tx.init(bundle.params), jnp.zeros((), jnp.int32))
   checkpoints = checkpoint_lib.Checkpoints(workdir, config.train.keep_checkpoints)
+  partial_checkpoint = interrupt_lib.PartialCheckpoint(checkpoints.directory)
   meta = {"epoch": 0, "best_epoch": 0, "best_metric": -math.inf, "bad_evals": 0,
           "wall_s": 0.0, "best_valid": {}}
   restored = checkpoints.restore("latest", state)
+  interrupted = partial_checkpoint.restore(state)
+  if interrupted is not None and (restored is None
+                                  or interrupted[1]["epoch"] >= restored[1]["epoch"]):
+    restored = interrupted
+  elif interrupted is not None:  # Older than the latest epoch: left by a crash.
+    partial_checkpoint.delete()
   if restored is not None:
     state, meta = restored
+    partial = meta.get("partial")
     logging.info("Resuming %s from epoch %d.", workdir, meta["epoch"])
-    print(f"resuming from epoch {meta['epoch']} (step {int(state.step)})")
+    into = (f", {partial['position']} of {steps_per_epoch} steps into epoch {meta['epoch'] + 1}"
+            if partial and partial["position"] < steps_per_epoch else
+            f", epoch {meta['epoch'] + 1} trained, its validation to run" if partial else "")
+    print(f"resuming from epoch {meta['epoch']} (step {int(state.step)}){into}; "
+          f"{num_epochs} epochs in all, {workdir}", flush=True)
+    # Records logged after that checkpoint (a kill between logging and saving) are dropped.
+    done = meta["epoch"]
+    trained = meta["epoch"] + 1 if partial and partial.get("train_record") else done
+    log.keep_only(lambda r: r.get("split") != "test" and (
+        r.get("epoch", 0) <= done or (r.get("split") == "train" and r.get("epoch") == trained)))
+  else:
+    log.keep_only(lambda r: False)  # Records of an earlier start that saved no checkpoint.
+    print(f"starting a new run in {workdir}: {num_epochs} epochs of {steps_per_epoch} steps, "
+          f"validation every {config.train.eval_every} epoch(s)", flush=True)
   state = sharding.replicate(state, mesh)
   schedule = schedule_lib.make_schedule(config.model.schedule, config.model.diffusion_steps)
   train_step = make_train_step(loss_fn, bundle.graphdef, tx)
@@ -180,43 +238,112 @@ def train_and_evaluate(config, workdir: str, *, stop_after_epochs: int | None = 
                 else eval_step)
   train_key = jax.random.fold_in(jax.random.key(config.seed), 1)
   metric = config.train.valid_metric
+  validated = lambda e: e % config.train.eval_every == 0 or e == num_epochs
 
   # Wall-clock seconds of the run so far, resumes included (start-up and compilation too).
   wall_base, wall_start = float(meta.get("wall_s", 0.0)), time.time()
   wall = lambda: round(wall_base + time.time() - wall_start, 3)
-  epochs_run = 0
+  clock = progress_lib.RunClock()
+  compiled_lengths = set()
+  epochs_run = steps_run = 0
   epoch = meta["epoch"]
   stopped = meta.get("stopped", False)
-  while epoch < config.train.num_epochs and not stopped:
+  status["message"] = (f"interrupted before the first step; nothing new to save (last "
+                       f"checkpoint: epoch {epoch}); rerun the same command to resume")
+
+  def save_partial(position, losses, count, seconds, record=None):
+    with interrupts.defer():
+      partial = {"position": position, "losses": [float(v) for v in losses], "count": count,
+                 "seconds": seconds, "train_record": record}
+      partial_checkpoint.save(int(state.step), state, dict(meta, partial=partial,
+                                                           wall_s=wall()))
+      partial_checkpoint.close()
+      checkpoints.close()
+      events.close()
+
+  interrupts.deferred = True  # From here a signal stops at the next step boundary.
+  while epoch < num_epochs and not stopped:
     if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
       checkpoints.close()
+      partial_checkpoint.close()
+      events.close()
       return None
     epoch += 1
-    start, first_step = time.time(), int(state.step)
-    losses, count = [], 0
-    bar = tqdm(plan_for(epoch), desc=f"epoch {epoch}", disable=not (progress and main),
-               leave=False)
-    for plan in bar:
-      batch = batches_lib.build(plan, examples, dataset.items, next_items=next_items)
-      count += int((plan.indices >= 0).sum())
-      state, loss = train_step(state, sharding.shard_batch(batch, mesh), train_key, schedule)
-      losses.append(loss)
-      if len(losses) % 50 == 0:
-        bar.set_postfix(loss=f"{float(loss):.4f}")
-    values = _check_finite(jnp.stack(losses), first_step, epoch, checkpoints)
-    seconds = time.time() - start
-    record = {"epoch": epoch, "step": int(state.step), "split": "train",
-              "loss": float(values.mean()), "seconds": round(seconds, 3),
-              "examples_per_s": round(count / max(seconds, 1e-9), 1), "wall_s": wall()}
-    log.write(**record)
-    summary = f"epoch {epoch:3d} loss {record['loss']:.4f} ({record['examples_per_s']:.0f} ex/s)"
+    partial = meta.pop("partial", None) or {}
+    plans = plan_for(epoch)
+    record = partial.get("train_record")
+    compile_seconds = 0.0
+    if record is None:
+      position = partial.get("position", 0)
+      prior = np.asarray(partial.get("losses", []), dtype=np.float64)
+      count = partial.get("count", 0)
+      start, first_step = time.time(), int(state.step)
+      losses, stopped_at = [], None
+      bar = progress_lib.StepBar(len(plans), position, f"epoch {epoch}/{num_epochs}",
+                                 progress and main, notice=say)
+      for k in range(position, len(plans)):
+        if interrupts.requested or (stop_after_steps is not None
+                                    and steps_run >= stop_after_steps):
+          stopped_at = k
+          break
+        plan = plans[k]
+        batch = batches_lib.build(plan, examples, dataset.items, next_items=next_items)
+        count += int((plan.indices >= 0).sum())
+        first = plan.length not in compiled_lengths
+        started = bar.first_of_shape() if first else 0.0
+        state, loss = train_step(state, sharding.shard_batch(batch, mesh), train_key, schedule)
+        if first:
+          bar.compiled(loss, started, f"the train step (histories of length {plan.length})")
+          compiled_lengths.add(plan.length)
+        losses.append(loss)
+        bar.dispatched(loss)
+        steps_run += 1
+        if len(losses) % 50 == 0:
+          bar.set_loss(float(loss))
+      bar.close()
+      compile_seconds = bar.compile_seconds
+      new = (_check_finite(jnp.stack(losses), first_step, epoch, checkpoints) if losses
+             else np.zeros(0, np.float64))
+      values = np.concatenate([prior, new])
+      seconds = partial.get("seconds", 0.0) + time.time() - start
+      if stopped_at is not None:
+        save_partial(stopped_at, values, count, seconds)
+        raise interrupt_lib.Interrupted(
+            f"interrupted at epoch {epoch}/{num_epochs}, step {stopped_at} of {len(plans)}; "
+            "rerun the same command to resume")
+      train_seconds = max(seconds - compile_seconds, 1e-9)
+      record = {"epoch": epoch, "step": int(state.step), "split": "train",
+                "loss": float(values.mean()), "seconds": round(seconds, 3),
+                "examples_per_s": round(count / train_seconds, 1), "wall_s": wall()}
+      if compile_seconds:
+        record["compile_s"] = round(compile_seconds, 3)
+      log.write(**record)
+      if not position:  # A whole epoch timed in this process.
+        clock.train_seconds.append(train_seconds)
+    summary = (f"epoch {epoch:3d}/{num_epochs} loss {record['loss']:.4f} "
+               f"({record['examples_per_s']:.0f} ex/s)")
+
+    def interrupted_before_saving(record=record):
+      save_partial(len(plans), [], 0, record["seconds"], record)
+      raise interrupt_lib.Interrupted(
+          f"interrupted at epoch {epoch}/{num_epochs} after its last step (its training is "
+          "saved; validation reruns); rerun the same command to resume")
 
     improved = False  # Every epoch is checkpointed, validated or not: a kill loses one at most.
-    if epoch % config.train.eval_every == 0 or epoch == config.train.num_epochs:
+    if interrupts.requested:
+      interrupted_before_saving()
+    if validated(epoch):
       bundle = model_lib.Bundle(bundle.graphdef, state.params)
-      valid, _ = evaluate_lib.evaluate_split(bundle, dataset, "valid", valid_config, mesh,
-                                             valid_step, progress=progress and main,
-                                             max_users=config.train.valid_users)
+      users = config.train.valid_users or dataset.num_users
+      say(f"validating epoch {epoch} on {min(users, dataset.num_users)} users")
+      try:
+        with interrupts.immediate():  # Validation is redone on resume: stop it at once.
+          valid, _ = evaluate_lib.evaluate_split(bundle, dataset, "valid", valid_config, mesh,
+                                                 valid_step, progress=progress and main,
+                                                 max_users=config.train.valid_users)
+      except interrupt_lib.Interrupted:
+        interrupted_before_saving()
+      clock.valid_seconds.append(valid["seconds"])
       log.write(epoch=epoch, step=int(state.step), split="valid", wall_s=wall(), **valid)
       improved = _improved(valid, meta, metric, config.train.selection)
       if improved:
@@ -234,13 +361,36 @@ def train_and_evaluate(config, workdir: str, *, stop_after_epochs: int | None = 
     meta["epoch"] = epoch
     meta["wall_s"] = wall()
     checkpoints.save(epoch, state, meta, best=improved)
+    partial_checkpoint.delete()
+    status["message"] = (f"interrupted after epoch {epoch}/{num_epochs} (saved); rerun the "
+                         "same command to resume")
+    left = 0 if stopped else num_epochs - epoch
+    remaining = clock.remaining(left, sum(validated(e) for e in range(epoch + 1, num_epochs + 1))
+                                + 1) if left else None
+    summary += f" | {progress_lib.format_duration(wall())} so far"
+    if remaining is not None:
+      summary += f", about {progress_lib.format_duration(remaining)} left"
     print(summary, flush=True)
     epochs_run += 1
+    if interrupts.requested:
+      checkpoints.close()
+      partial_checkpoint.close()
+      events.close()
+      raise interrupt_lib.Interrupted(status["message"])
 
   meta["epoch"] = epoch
+  meta.pop("partial", None)
+  status["message"] = ("interrupted while testing the best checkpoint (every epoch is saved); "
+                       "rerun the same command to test it")
+  say(f"testing the best checkpoint on {dataset.num_users} users")
+  interrupts.deferred = False  # The test is redone on resume: stop it at once.
   results = _test_best(config, workdir, bundle, state, dataset, mesh, eval_step, checkpoints,
                        meta, log, progress and main, wall)
   checkpoints.close()
+  partial_checkpoint.close()
+  events.close()
+  if main:
+    learning_curve.write_quietly(workdir)
   return results
 
 

@@ -1,7 +1,9 @@
 """A workdir owns a run: config.json, metrics.jsonl, id_map.npz, checkpoints/, results.json.
 
-Only process 0 writes. A rerun with the same config resumes; a different config in the same
-workdir is refused (naming the fields that differ) so two runs never mix.
+Only process 0 writes. A rerun with the same config resumes; a different config in a workdir
+that holds a checkpoint is refused (naming the fields that differ) so two runs never mix; one
+where nothing was trained takes the new config. A finished run is never written to, and a
+lock keeps a second process out of a live workdir.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ _ADDED_FIELDS = {
     "model.layer_norm_eps": 1e-6, "model.init": "flax", "model.attention_key_bias": False,
     "model.loss_padding_column": False, "train.selection": "metric", "train.valid_users": 0,
     "train.valid_steps": 0, "train.lr_schedule": "step", "train.warmup_epochs": 0.0,
+    "model.cross_attention_form": "dot_product", "model.share_cross_attention_norm": False,
+    "model.cross_fill_padding_queries": False, "model.every_block_reads_input": False,
 }
 
 
@@ -68,30 +72,123 @@ def _read_config_json(path: str) -> dict:
   return payload
 
 
-def check_or_write_config(workdir: str, config, write: bool):
-  """Writes config.json, or checks that an existing one describes the same run."""
+def has_checkpoint(workdir: str) -> bool:
+  """Whether anything was trained here: a checkpoint (latest, best, interrupted) or results."""
+  if os.path.exists(os.path.join(workdir, "results.json")):
+    return True
+  for which in ("latest", "best", "interrupted"):
+    directory = os.path.join(workdir, "checkpoints", which)
+    if os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory)):
+      return True
+  return False
+
+
+def _differences(workdir: str, config) -> list[str]:
   path = os.path.join(workdir, "config.json")
   new = _flatten(config_dict(config))
+  old = _flatten(_read_config_json(path))
+  differ = sorted(k for k in set(old) | set(new)
+                  if old.get(k) != new.get(k) and k not in _RESUMABLE_CHANGES)
+  return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ]
+
+
+def check_config(workdir: str, config):
+  """Refuses a config that differs from the workdir's config.json (writes nothing)."""
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    return
+  differ = _differences(workdir, config)
+  if differ:
+    raise WorkdirError(f"{workdir} holds a run with a different config "
+                       f"({', '.join(differ[:5])}); use a new --workdir or the original config.")
+
+
+def check_or_write_config(workdir: str, config, write: bool) -> str:
+  """Writes config.json, or checks that an existing one describes the same run.
+
+  Returns 'new', 'same' or 'replaced': a workdir where nothing was trained (no checkpoint,
+  e.g. a run that stopped on a data error) takes the new config; one with a checkpoint
+  refuses it. An unchanged config.json is not rewritten.
+  """
+  path = os.path.join(workdir, "config.json")
+  status = "new"
   if os.path.exists(path):
-    old = _flatten(_read_config_json(path))
-    differ = sorted(k for k in set(old) | set(new)
-                    if old.get(k) != new.get(k) and k not in _RESUMABLE_CHANGES)
-    if differ:
-      shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:5])
-      raise WorkdirError(f"{workdir} holds a run with a different config ({shown}); "
-                         "use a new --workdir or the original config.")
-  if write:
+    differ = _differences(workdir, config)
+    if not differ:
+      status = "same"
+    elif has_checkpoint(workdir):
+      raise WorkdirError(f"{workdir} holds a run with a different config "
+                         f"({', '.join(differ[:5])}); use a new --workdir or the original config.")
+    else:
+      status = "replaced"
+      if write:
+        print(f"{workdir} had no checkpoint: replaced its config.json "
+              f"({', '.join(differ[:5])}{', ...' if len(differ) > 5 else ''}).")
+  if write and status != "same":
     os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
       json.dump(config_dict(config), f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+  return status
+
+
+def check_writable(workdir: str):
+  """A workdir that training must write to: creatable and writable, else one sentence."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as error:
+    raise WorkdirError(f"Cannot create the workdir {workdir} ({error.strerror}); choose a "
+                       "--workdir you can write to.") from error
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise WorkdirError(f"The workdir {workdir} is not writable, and this run is not finished; "
+                       "make it writable (chmod u+w) or copy it to a --workdir you can write to.")
+
+
+class Lock:
+  """An exclusive lock on `workdir/.lock` held while a process trains there.
+
+  flock(2): the kernel drops it when the process dies, even by kill -9, so it never sticks.
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, ".lock")
+    self._file = None
+
+  def __enter__(self):
+    try:
+      import fcntl
+    except ImportError:  # Not POSIX: no lock.
+      return self
+    self._file = open(self.path, "a+")
+    try:
+      fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+      self._file.seek(0)
+      owner = self._file.read().strip() or "unknown"
+      self._file.close()
+      self._file = None
+      raise WorkdirError(
+          f"{os.path.dirname(self.path)} is in use by another training process (pid {owner}); "
+          "wait for it to finish, stop it, or use another --workdir.") from error
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(str(os.getpid()))
+    self._file.flush()
+    return self
+
+  def __exit__(self, *exc):
+    if self._file is not None:
+      self._file.close()  # Closing releases the flock.
+      self._file = None
+    return False
 
 
 class MetricsLog:
   """Appends one JSON object per line to metrics.jsonl (process 0 only)."""
 
-  def __init__(self, workdir: str, enabled: bool):
+  def __init__(self, workdir: str, enabled: bool, listeners=()):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.enabled = enabled
+    self.listeners = listeners  # Called with each record written (e.g. TensorBoard).
 
   def write(self, **record):
     if not self.enabled:
@@ -99,6 +196,24 @@ class MetricsLog:
     record.setdefault("time", round(time.time(), 3))
     with open(self.path, "a") as f:
       f.write(json.dumps(record, sort_keys=True) + "\n")
+    for listener in self.listeners:
+      listener(record)
+
+  def keep_only(self, keep):
+    """Rewrites metrics.jsonl with the records for which keep(record) is true.
+
+    On a resume, records written after the checkpoint (a kill between logging and saving)
+    would otherwise appear twice.
+    """
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    records = self.read()
+    kept = [r for r in records if keep(r)]
+    if len(kept) == len(records):
+      return
+    with open(self.path + ".tmp", "w") as f:
+      f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+    os.replace(self.path + ".tmp", self.path)
 
   def read(self) -> list[dict]:
     if not os.path.exists(self.path):

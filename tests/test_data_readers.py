@@ -150,3 +150,92 @@ def test_empty_file(tmp_path):
   path = _write(tmp_path / "log.csv", "")
   with pytest.raises(data.DataError, match="is empty"):
     readers.read_interactions(path)
+
+
+@pytest.mark.parametrize("name, content, format, bad_lines", [
+    ("log.csv", b"user,item\nu\xff1,i1\nu2,i\xfe2\nu3,i3\n", "long", 2),
+    ("log.csv", b"user,item\nu\xff\xfe1,i\xff1\nu2,i2\n", "long", 1),  # One line, many bytes.
+    ("ratings.dat", b"1::\xe92::5::4\n", "movielens", 1),
+    ("Beauty.txt", b"1 2 3\n\xff 4 5\n", "sequences", 1),
+    ("log.csv", "user,item\nu\u00e9,i\ufffd\n".encode(), "long", 0),  # Valid UTF-8, even U+FFFD.
+])
+def test_non_utf8_bytes_warn_once_with_count_and_file(tmp_path, caplog, name, content, format,
+                                                      bad_lines):
+  path = tmp_path / name
+  path.write_bytes(content)
+  with caplog.at_level("WARNING"):
+    frame = readers.read_interactions(path, format)
+  warnings = [r.getMessage() for r in caplog.records if "not UTF-8" in r.getMessage()]
+  if bad_lines:
+    assert warnings == [f"{bad_lines} line(s) of {path} had bytes that are not UTF-8; they were "
+                        "replaced by U+FFFD: convert the file to UTF-8 to keep the original ids."]
+    assert any("\ufffd" in value for value in frame["user"].to_list() + frame["item"].to_list())
+  else:
+    assert not warnings
+
+
+@pytest.mark.parametrize("text, string_users, string_items, examples", [
+    ("user,item\n1,2\n-3,007\n", [], [], ""),  # No line at all.
+    ("user,item\n5.0,abc\n5,abc\n5.0,x\n", ["5.0"], ["abc", "x"], "'5.0', 'abc'"),
+    ("user,item\nA1,1\nA2,2\n", ["A1", "A2"], [], "'A1'"),
+])
+def test_string_ids_are_counted_in_one_line(tmp_path, caplog, text, string_users, string_items,
+                                            examples):
+  path = _write(tmp_path / "log.csv", text)
+  with caplog.at_level("WARNING"):
+    frame = readers.read_interactions(path)
+  assert readers.string_ids(frame, "user").to_list() == string_users
+  assert readers.string_ids(frame, "item").to_list() == string_items
+  lines = [r.getMessage() for r in caplog.records if "not integers" in r.getMessage()]
+  if examples:
+    assert lines == [f"{len(string_users)} user id(s) and {len(string_items)} item id(s) of "
+                     f"{path} are not integers (for example {examples}); they are read as "
+                     "strings, so '5' and '5.0' are different ids."]
+  else:
+    assert not lines
+
+
+@pytest.mark.parametrize("name, text, separator, expected", [
+    ("log.csv", "user\titem\n1\t2\n", "", "looks tab-separated (its header is 'user\\titem'), "
+     "not ','-separated; set --config.data.separator='\\t'."),
+    ("log.csv", "user;item\n1;2\n", "", "looks ';'-separated"),
+    ("log.tsv", "user,item\n1,2\n", "", "looks ','-separated (its header is 'user,item'), not "
+     "'\\t'-separated; set --config.data.separator=','."),
+    ("log.txt", "user|item\n1|2\n", ",", "set --config.data.separator='|'."),
+    ("log.csv", "userid,itemid\n1,2\n", "", "lacks the configured column(s)"),  # Truly misnamed.
+])
+def test_wrong_separator_is_named(tmp_path, name, text, separator, expected):
+  path = _write(tmp_path / name, text)
+  with pytest.raises(data.DataError) as error:
+    readers.read_interactions(path, "auto", separator=separator)
+  message = str(error.value)
+  assert str(path) in message and expected in message
+  assert message.endswith(".") and "\n" not in message
+
+
+@pytest.mark.parametrize("name, text, overrides, expected", [
+    ("log.csv", "user,item\n", {}, "log.csv has column names ['user', 'item'] but no rows; add "
+     "the interactions to it or point --config.data.path at a file that has them."),
+    ("log.tsv", "user\titem\n\n", {}, "but no rows"),
+    ("ml.inter", "user_id:token\titem_id:token\n", {}, "but no rows"),
+    ("log.csv", "user,item,rating\na,x,1\na,y,2\na,z,3\n",
+     {"min_rating": 4.0, "rating_col": "rating"},
+     "lower --config.data.min_rating (-1 keeps every rating)."),
+    ("log.csv", "user,item\na,x\na,y\na,z\n", {"user_core": 5},
+     "lower --config.data.user_core and/or --config.data.item_core (0 = off)."),
+    ("log.csv", "user,item\na,x\na,x\na,y\nb,x\n", {"dedup": "first"},
+     "relax --config.data.dedup=first so that users keep 3."),
+    ("log.csv", "user,item\na,x\na,y\nb,x\n", {},
+     "use a file whose users have 3 or more interactions."),
+])
+def test_no_rows_says_which_setting(tmp_path, name, text, overrides, expected):
+  from diffurec_jax import config as config_lib
+  data_config = config_lib.base_config().data
+  data_config.update(path=str(_write(tmp_path / name, text)), cache_dir=str(tmp_path / "cache"),
+                     download=False, time_col="", user_core=0, item_core=0)
+  data_config.update(overrides)
+  with pytest.raises(data.DataError) as error:
+    data.prepare(data_config)
+  message = str(error.value)
+  assert expected in message and "relax that setting" not in message
+  assert message.endswith(".") and "\n" not in message

@@ -313,7 +313,8 @@ def test_the_training_loss_uses_the_model_score_scale(schedule, scale):
   np.testing.assert_allclose(float(loss), -float(jnp.mean(rows)), rtol=1e-5)
 
 
-@pytest.mark.parametrize("presets,std", [("", 1.0), ("smallinit", 0.02), ("upstream", 1.0)])
+@pytest.mark.parametrize("presets,std", [("", 0.02), ("smallinit", 0.02), ("paper", 1.0),
+                                         ("upstream", 1.0)])
 def test_item_table_init_scale_follows_the_config(presets, std):
   table = np.asarray(model_lib.item_table(make_bundle("diffurec", presets)))
   # 21 x 16 standard-normal draws: the sample std is within 20% of the configured one.

@@ -7,6 +7,8 @@ the same tiny config cost a few seconds per run.
 
 import json
 import math
+import pathlib
+import signal
 import time
 
 import pytest
@@ -14,6 +16,7 @@ import pytest
 import helpers_train as helpers
 from helpers_train import trained_run, trained_workdir  # noqa: F401  (fixtures)
 
+from diffurec_jax import interrupt
 from diffurec_jax import train
 
 
@@ -104,6 +107,96 @@ def test_resume_after_kill_equals_uninterrupted_run(data_root, tmp_path, capsys,
   helpers.assert_selection_consistent(killed)
 
 
+_UNINTERRUPTED = {}
+
+
+def _uninterrupted(config, tmp_path_factory) -> tuple[dict, pathlib.Path]:
+  """The tiny run trained without interruption, once per module."""
+  if "run" not in _UNINTERRUPTED:
+    workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    _UNINTERRUPTED["run"] = train.train_and_evaluate(config, str(workdir), progress=False), workdir
+  return _UNINTERRUPTED["run"]
+
+
+def _interrupt_with_sigint_at_build(monkeypatch, call: int):
+  """A real SIGINT delivered while the trainer builds its `call`-th batch."""
+  original, calls = train.batches_lib.build, []
+
+  def build(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == call:
+      signal.raise_signal(signal.SIGINT)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(train.batches_lib, "build", build)
+
+
+def _interrupt_first_validation(monkeypatch):
+  """Ctrl-C during the first validation (as the signal handler raises it there)."""
+  original, calls = train.evaluate_lib.evaluate_split, []
+
+  def evaluate_split(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 1:
+      raise interrupt.Interrupted("interrupted by SIGINT")
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(train.evaluate_lib, "evaluate_split", evaluate_split)
+
+
+# Mid-epoch (after 2 of 4 steps), by a real SIGINT (during step 3: it finishes), at an epoch boundary (step 4 =
+# position 0 of epoch 2), and during validation: each resumes bit-identically.
+@pytest.mark.parametrize("how", ["steps2", "sigint", "steps4", "validation"])
+def test_resume_after_interrupt_equals_uninterrupted_run(data_root, tmp_path, tmp_path_factory,
+                                                         capsys, monkeypatch, how):
+  config = helpers.tiny_config(data_root)
+  uninterrupted, reference = _uninterrupted(config, tmp_path_factory)
+  workdir = tmp_path / "run"
+  with monkeypatch.context() as patch:
+    stop_after_steps = {"steps2": 2, "steps4": 4}.get(how)
+    if how == "sigint":
+      _interrupt_with_sigint_at_build(patch, 3)
+    if how == "validation":
+      _interrupt_first_validation(patch)
+    with pytest.raises(interrupt.Interrupted) as raised:
+      train.train_and_evaluate(config, str(workdir), stop_after_steps=stop_after_steps,
+                               progress=False)
+  expected = {"steps2": "interrupted at epoch 1/2, step 2 of 4",
+              "sigint": "interrupted at epoch 1/2, step 3 of 4",
+              "steps4": "interrupted at epoch 2/2, step 0 of 4",
+              "validation": "interrupted at epoch 1/2 after its last step"}[how]
+  assert str(raised.value).startswith(expected), str(raised.value)
+  assert "rerun the same command to resume" in str(raised.value)
+  assert (workdir / "checkpoints" / "interrupted").is_dir()
+  assert not (workdir / "results.json").exists()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Handlers restored.
+  capsys.readouterr()
+  resumed = train.train_and_evaluate(config, str(workdir), progress=False)
+  out = capsys.readouterr().out
+  assert "resuming from epoch" in out and "starting a new run" not in out
+
+  assert _results_core(resumed) == _results_core(uninterrupted)
+  records = {name: [(r["epoch"], r["step"], r["split"], r.get("loss"), r.get("ndcg@10"))
+                    for r in helpers.read_jsonl(path / "metrics.jsonl") if r["split"] != "test"]
+             for name, path in (("a", reference), ("b", workdir))}
+  assert records["b"] == records["a"]  # Each record once, the partial epoch's loss included.
+  wall = [r["wall_s"] for r in helpers.read_jsonl(workdir / "metrics.jsonl")]
+  assert wall == sorted(wall)  # Seconds since the run started, across the interrupt.
+  assert not any((workdir / "checkpoints" / "interrupted").glob("[0-9]*"))
+  helpers.assert_selection_consistent(workdir)
+
+
+def test_a_new_run_says_so(data_root, tmp_path, capsys):
+  config = helpers.tiny_config(data_root, {"train.num_epochs": 1})
+  train.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
+  out = capsys.readouterr().out
+  assert "starting a new run" in out and "1 epochs of 4 steps" in out
+  assert "compiled the train step" in out  # Compilation is announced with its duration.
+  assert "epoch   1/1 loss" in out and "so far" in out
+  assert (tmp_path / "run" / "figures" / "learning_curve.png").is_file()
+  assert list((tmp_path / "run").glob("events.out.tfevents.*"))  # TensorBoard.
+
+
 def test_early_stopping_when_validation_stops_improving(data_root, tmp_path):
   # learning_rate 0 keeps the parameters, so validation repeats exactly and cannot improve:
   # with patience 1 the run stops after its second evaluation, whatever the data.
@@ -124,7 +217,7 @@ def test_early_stopping_when_validation_stops_improving(data_root, tmp_path):
 
 def test_changed_config_on_existing_workdir_is_refused(trained_workdir, data_root, tmp_path):
   workdir = tmp_path / "run"
-  workdir.mkdir()
+  (workdir / "checkpoints" / "latest" / "1").mkdir(parents=True)  # Something was trained.
   (workdir / "config.json").write_bytes((trained_workdir / "config.json").read_bytes())
   result = helpers.run_bin("train.py", *helpers.cli_flags({"model.hidden": 32}),
                            "--workdir", str(workdir), data_root=data_root)
@@ -133,8 +226,8 @@ def test_changed_config_on_existing_workdir_is_refused(trained_workdir, data_roo
 
 
 def test_non_finite_loss_names_the_step(data_root, tmp_path):
-  flags = helpers.cli_flags({"train.learning_rate": 1e30, "train.num_epochs": 1,
-                             "train.max_steps_per_epoch": 2})
+  flags = helpers.cli_flags({"train.learning_rate": 1e30, "train.warmup_epochs": 0.0,
+                             "train.num_epochs": 1, "train.max_steps_per_epoch": 2})
   result = helpers.run_bin("train.py", *flags, "--workdir", str(tmp_path / "run"),
                            data_root=data_root)
   helpers.assert_user_error(result, "at step 2", "train.learning_rate")

@@ -32,6 +32,7 @@ def write_config_without(path, config, *fields):
 ])
 def test_a_rerun_may_change_only_resumable_fields(tmp_path, overrides, accepted):
   workdir_lib.check_or_write_config(str(tmp_path), toys_config(), write=True)
+  (tmp_path / "checkpoints" / "latest" / "1").mkdir(parents=True)  # Something was trained.
   config = toys_config()
   for field, value in overrides.items():
     section, name = field.split(".")
@@ -43,12 +44,26 @@ def test_a_rerun_may_change_only_resumable_fields(tmp_path, overrides, accepted)
       workdir_lib.check_or_write_config(str(tmp_path), config, write=False)
 
 
+def test_a_workdir_where_nothing_was_trained_takes_a_new_config(tmp_path, capsys):
+  workdir_lib.check_or_write_config(str(tmp_path), toys_config(), write=True)
+  mtime = (tmp_path / "config.json").stat().st_mtime_ns
+  assert workdir_lib.check_or_write_config(str(tmp_path), toys_config(), write=True) == "same"
+  assert (tmp_path / "config.json").stat().st_mtime_ns == mtime  # Not rewritten.
+  config = toys_config()
+  config.model.hidden = 64
+  assert workdir_lib.check_or_write_config(str(tmp_path), config, write=True) == "replaced"
+  assert "replaced its config.json (model.hidden: 128 -> 64)" in capsys.readouterr().out
+  assert json.loads((tmp_path / "config.json").read_text())["model"]["hidden"] == 64
+
+
 @pytest.mark.parametrize("presets,accepted", [
-    ("diffurec", True),             # The added fields at their defaults: the same run.
+    ("diffurec,paper", True),       # The added fields at the values old runs used: the same run.
     ("diffurec,smallinit", False),  # model.item_init_std 0.02 is not what the old run used.
 ])
 def test_runs_written_before_a_field_existed_resume_at_its_default(tmp_path, presets, accepted):
-  write_config_without(tmp_path, toys_config(), "model.item_init_std", "model.score_scale")
+  write_config_without(tmp_path, toys_config("diffurec,paper"), "model.item_init_std",
+                       "model.score_scale")
+  (tmp_path / "results.json").write_text("{}")  # A finished run.
   if accepted:
     workdir_lib.check_or_write_config(str(tmp_path), toys_config(presets), write=False)
   else:

@@ -151,10 +151,10 @@ def _check_config(data_config) -> None:
       raise DataError(f"--config.data.{field}={data_config[field]} must be >= 0 (0 = off).")
 
 
-def _require_rows(frame, step: str, source: str) -> None:
+def _require_rows(frame, step: str, source: str, advice: str) -> None:
+  """Raises DataError when `step` left no rows; `advice` names the setting to change."""
   if not len(frame):
-    raise DataError(f"No interactions of {source} are left after {step}; relax that setting "
-                    "or check the file.")
+    raise DataError(f"No interactions of {source} are left after {step}; {advice}.")
 
 
 def build(spec: registry.ReadSpec, data_config) -> Dataset:
@@ -162,22 +162,28 @@ def build(spec: registry.ReadSpec, data_config) -> Dataset:
   source = str(spec.path)
   frame = readers.read_interactions(spec.path, spec.format, spec.user_col, spec.item_col,
                                     spec.time_col, spec.rating_col, spec.separator)
-  _require_rows(frame, "reading", source)
+  _require_rows(frame, "reading", source, "add interactions to the file")
   logging.info("Read %d interactions from %s.", len(frame), source)
   frame = transforms.add_file_order(frame)
   frame = transforms.filter_rating(frame, float(data_config.min_rating), source)
   _require_rows(frame, f"the rating filter --config.data.min_rating={data_config.min_rating}",
-                source)
+                source, "lower --config.data.min_rating (-1 keeps every rating)")
   frame = transforms.sort_chronologically(frame)
   frame = transforms.deduplicate(frame, data_config.dedup)
   frame, passes = transforms.k_core(frame, int(data_config.user_core), int(data_config.item_core))
   _require_rows(frame, f"k-core filtering (--config.data.user_core={data_config.user_core}, "
-                f"--config.data.item_core={data_config.item_core})", source)
+                f"--config.data.item_core={data_config.item_core})", source,
+                "lower --config.data.user_core and/or --config.data.item_core (0 = off)")
   logging.info("k-core kept %d interactions after %d pass(es).", len(frame), passes)
   frame = transforms.drop_short_users(frame, data_config.short_users,
                                       int(data_config.user_core), int(data_config.item_core),
                                       source)
-  _require_rows(frame, "dropping users with fewer than 3 interactions", source)
+  shortening = [f"--config.data.{field}={data_config[field]}" for field, active in (
+      ("item_core", int(data_config.item_core) > 0), ("min_rating", data_config.min_rating >= 0),
+      ("dedup", data_config.dedup != "none")) if active]
+  _require_rows(frame, "dropping users with fewer than 3 interactions", source,
+                f"relax {' / '.join(shortening)} so that users keep 3" if shortening else
+                "use a file whose users have 3 or more interactions")
   frame = transforms.keep_first_users(frame, int(data_config.max_users))
   arrays = transforms.remap(frame)
   return Dataset(name=data_config.name, num_users=len(arrays["user_ids"]),

@@ -11,7 +11,8 @@ order of the file. Supported formats:
   sequences  S3-Rec text: `user i1 i2 ...` per line, already chronological.
 
 `detect_format` picks one from the extension and the first lines. Nothing is
-ever unpickled.
+ever unpickled. Bytes that are not UTF-8 become U+FFFD with one warning, and ids
+that are not integers are counted in one warning, since both change what ids mean.
 """
 
 from __future__ import annotations
@@ -19,14 +20,19 @@ from __future__ import annotations
 import gzip
 import io
 import pathlib
+import re
 
 import polars as pl
+from absl import logging
 
 from diffurec_jax.data.errors import DataError
 
 FORMATS = ("long", "inter", "movielens", "amazon", "sequences")
 _HEADER_WORDS = {"user", "item", "user_id", "item_id", "userid", "itemid", "uid", "iid"}
 _SEPARATOR_NAMES = {"\\t": "\t", "tab": "\t", "comma": ",", "space": " ", "semicolon": ";"}
+_SEPARATOR_CANDIDATES = ("\t", ",", ";", "|", " ")
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # Bytes kept by errors="surrogateescape".
+_INTEGER_ID = r"^[+-]?[0-9]+$"
 
 
 def _suffix(path: pathlib.Path) -> str:
@@ -38,15 +44,39 @@ def _suffix(path: pathlib.Path) -> str:
 
 
 def _read_bytes(path: pathlib.Path) -> bytes:
-  """The file's bytes, gunzipped when the name ends in .gz."""
+  """The file's bytes, gunzipped when the name ends in .gz; warns once if not UTF-8."""
   try:
     if path.name.lower().endswith(".gz"):
       with gzip.open(path, "rb") as f:
-        return f.read()
-    return path.read_bytes()
+        data = f.read()
+    else:
+      data = path.read_bytes()
   except (OSError, EOFError) as e:
     raise DataError(
         f"Could not read {path} ({e}); check that the file is complete and readable.") from e
+  bad_lines = count_non_utf8_lines(data)
+  if bad_lines:
+    logging.warning("%d line(s) of %s had bytes that are not UTF-8; they were replaced by "
+                    "U+FFFD: convert the file to UTF-8 to keep the original ids.", bad_lines, path)
+  return data
+
+
+def count_non_utf8_lines(data: bytes) -> int:
+  """Number of lines of `data` holding bytes that are not valid UTF-8 (0 when it decodes)."""
+  try:
+    data.decode("utf-8")
+    return 0
+  except UnicodeDecodeError:
+    pass
+  text = data.decode("utf-8", errors="surrogateescape")
+  count, line_end = 0, -1
+  for match in _UNDECODABLE.finditer(text):
+    if match.start() > line_end:  # The first bad byte of a new line.
+      count += 1
+      line_end = text.find("\n", match.start())
+      if line_end < 0:
+        break
+  return count
 
 
 def head_lines(path: pathlib.Path, num_lines: int = 20) -> list[str]:
@@ -163,6 +193,10 @@ def parse_rating(values: pl.Series, column: str, path: pathlib.Path) -> pl.Serie
 
 def _finish(frame: pl.DataFrame, path: pathlib.Path, columns: dict[str, str]) -> pl.DataFrame:
   """Renames `columns` (standard name -> file column), parses time and rating."""
+  if not frame.height:
+    raise DataError(
+        f"{path} has column names {frame.columns} but no rows; add the interactions to it or "
+        "point --config.data.path at a file that has them.")
   out = {
       "user": frame[columns["user"]].cast(pl.String).str.strip_chars(),
       "item": frame[columns["item"]].cast(pl.String).str.strip_chars(),
@@ -181,9 +215,12 @@ def _finish(frame: pl.DataFrame, path: pathlib.Path, columns: dict[str, str]) ->
 
 
 def _read_csv(data: bytes, path: pathlib.Path, **kwargs) -> pl.DataFrame:
-  """polars.read_csv on bytes with every column as str; parse errors become DataError."""
+  """polars.read_csv on bytes with every column as str, blank lines skipped.
+
+  Parse errors become DataError.
+  """
   try:
-    return pl.read_csv(io.BytesIO(data), infer_schema=False, encoding="utf8-lossy", **kwargs)
+    frame = pl.read_csv(io.BytesIO(data), infer_schema=False, encoding="utf8-lossy", **kwargs)
   except pl.exceptions.NoDataError as e:
     raise DataError(
         f"{path} is empty; point --config.data.path at a file with interactions.") from e
@@ -192,6 +229,8 @@ def _read_csv(data: bytes, path: pathlib.Path, **kwargs) -> pl.DataFrame:
     raise DataError(
         f"Could not parse {path} ({reason}); check the file and "
         "--config.data.format/separator.") from e
+  # polars reads a blank line as a row of nulls; the other readers skip blank lines too.
+  return frame.filter(~pl.all_horizontal(pl.all().is_null())) if frame.width else frame
 
 
 def _long_separator(separator: str, path: pathlib.Path) -> str:
@@ -209,10 +248,20 @@ def _long_separator(separator: str, path: pathlib.Path) -> str:
   if suffix in (".tsv", ".tab"):
     return "\t"
   header = (head_lines(path, 1) or [""])[0]
-  for candidate in ("\t", ",", ";", "|", " "):
+  for candidate in _SEPARATOR_CANDIDATES:
     if candidate in header:
       return candidate
   return ","
+
+
+def _other_separator(columns: list[str], separator: str) -> str:
+  """The separator a one-column header looks split by, other than `separator` ('' = none)."""
+  if len(columns) != 1:
+    return ""
+  for candidate in _SEPARATOR_CANDIDATES:
+    if candidate != separator and candidate in columns[0].strip():
+      return candidate
+  return ""
 
 
 def read_long(path: pathlib.Path, user_col: str, item_col: str, time_col: str = "",
@@ -223,7 +272,7 @@ def read_long(path: pathlib.Path, user_col: str, item_col: str, time_col: str = 
       frame = pl.read_parquet(path)
     except (pl.exceptions.PolarsError, OSError) as e:
       raise DataError(f"Could not read {path} as parquet ({e}); check the file.") from e
-    where = "parquet file"
+    where, sep = "parquet file", ""
   else:
     sep = _long_separator(separator, path)
     frame = _read_csv(_read_bytes(path), path, separator=sep)
@@ -232,6 +281,12 @@ def read_long(path: pathlib.Path, user_col: str, item_col: str, time_col: str = 
             "time": (time_col, "time_col"), "rating": (rating_col, "rating_col")}
   missing = [f"--config.data.{flag}" for name, flag in wanted.values()
              if name and name not in frame.columns]
+  other = _other_separator(frame.columns, sep) if sep else ""
+  if missing and other:  # A tab-separated .csv, say: name the separator, not the columns.
+    kind = "tab" if other == "\t" else repr(other)
+    raise DataError(
+        f"{path} looks {kind}-separated (its header is {frame.columns[0]!r}), not "
+        f"{sep!r}-separated; set --config.data.separator={other!r}.")
   if missing:
     raise DataError(
         f"{path} lacks the configured column(s) "
@@ -312,11 +367,30 @@ def read_interactions(path: str | pathlib.Path, format: str = "auto", user_col: 
         "set --config.data.path to an existing file.")
   if format == "auto":
     format = detect_format(path, user_col, item_col)
-  if format == "long":
-    return read_long(path, user_col, item_col, time_col, rating_col, separator)
   readers = {"inter": read_inter, "movielens": read_movielens, "amazon": read_amazon,
              "sequences": read_sequences}
-  if format not in readers:
+  if format == "long":
+    frame = read_long(path, user_col, item_col, time_col, rating_col, separator)
+  elif format in readers:
+    frame = readers[format](path)
+  else:
     raise DataError(
         f"Unknown --config.data.format={format!r} for {path}; choose auto or one of {FORMATS}.")
-  return readers[format](path)
+  _warn_string_ids(frame, path)
+  return frame
+
+
+def string_ids(frame: pl.DataFrame, column: str) -> pl.Series:
+  """The distinct ids of `column` that are not integers, such as '5.0' or 'abc', in file order."""
+  ids = frame[column].unique(maintain_order=True)
+  return ids.filter(~ids.str.contains(_INTEGER_ID))
+
+
+def _warn_string_ids(frame: pl.DataFrame, path: pathlib.Path) -> None:
+  """One line when some ids are not integers: '5' and '5.0' are then different ids."""
+  users, items = string_ids(frame, "user"), string_ids(frame, "item")
+  if len(users) or len(items):
+    examples = ", ".join(repr(ids[0]) for ids in (users, items) if len(ids))
+    logging.warning("%d user id(s) and %d item id(s) of %s are not integers (for example %s); "
+                    "they are read as strings, so '5' and '5.0' are different ids.",
+                    len(users), len(items), path, examples)

@@ -1,0 +1,178 @@
+"""The results ledger: every finished run's small files, kept in the repository.
+
+Layout (one folder per run; nothing else is read):
+
+  results/<dataset>/<name>/seed<k>/
+    config.json     the run's config (as the workdir wrote it)
+    metrics.jsonl   every training/validation/test record, with wall-clock `wall_s`
+    results.json    selection and the single test evaluation (absent for a trial)
+    run.json        how it was made: command, machine (CPU model and cores or GPU, jax
+                    version), kind (run | trial), free-text notes
+    evaluations/*.json   later evaluations of the selected checkpoint (e.g. 1 reverse step)
+
+`add_run` copies a workdir into the ledger; `load` reads it back as `Entry` objects, from
+which `ledger_report` rebuilds docs/results.md. Runs made at different times, on different
+machines or on a GPU add up: nothing in a report is typed by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shutil
+
+import jax
+
+KINDS = ("run", "trial")
+RUN_FILES = ("config.json", "metrics.jsonl", "results.json")
+
+
+class LedgerError(Exception):
+  """A ledger operation that cannot be done as asked, in one sentence for people."""
+
+
+def machine_info() -> dict:
+  """CPU model and cores (or the accelerator), jax version: where a run was made."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  device = jax.devices()[0]
+  return {
+      "cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+      else os.cpu_count(),
+      "platform": device.platform, "device": f"{jax.device_count()} x {device.device_kind}",
+      "jax": jax.__version__, "python": platform.python_version(),
+  }
+
+
+def run_dir(root: str, dataset: str, name: str, seed: int) -> str:
+  return os.path.join(root, dataset, name, f"seed{seed}")
+
+
+def add_run(workdir: str, root: str, name: str, *, command: str, kind: str = "run",
+            notes: str = "", machine: dict | None = None, overwrite: bool = False) -> str:
+  """Copies `workdir`'s small files into the ledger under `name`; returns the folder.
+
+  A `run` must be finished (results.json present); a `trial` (a recipe-search run stopped
+  early on purpose) needs only its config and metrics.
+  """
+  if kind not in KINDS:
+    raise LedgerError(f"kind={kind!r}; use one of {KINDS}.")
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(config_path):
+    raise LedgerError(f"{workdir} has no config.json: not a diffurec-jax workdir.")
+  with open(config_path) as f:
+    config = json.load(f)
+  if kind == "run" and not os.path.exists(os.path.join(workdir, "results.json")):
+    raise LedgerError(f"{workdir} has no results.json: the run is not finished (finish it, or "
+                      "add it with --kind trial).")
+  target = run_dir(root, config["data"]["name"], name, int(config["seed"]))
+  if os.path.exists(target) and not overwrite:
+    raise LedgerError(f"{target} exists; pass --overwrite to replace it.")
+  os.makedirs(target, exist_ok=True)
+  for file_name in RUN_FILES:
+    source = os.path.join(workdir, file_name)
+    if os.path.exists(source):
+      shutil.copyfile(source, os.path.join(target, file_name))
+  evaluations = os.path.join(workdir, "evaluations")
+  if os.path.isdir(evaluations):
+    shutil.copytree(evaluations, os.path.join(target, "evaluations"), dirs_exist_ok=True)
+  run = {"command": command, "kind": kind, "notes": notes,
+         "machine": machine or machine_info(),
+         "added": datetime.date.today().isoformat()}
+  with open(os.path.join(target, "run.json"), "w") as f:
+    json.dump(run, f, indent=2, sort_keys=True)
+  return target
+
+
+def write_evaluation(workdir: str, label: str, split: str, metrics: dict, *, command: str,
+                     settings: dict):
+  """Records a later evaluation of a run's selected checkpoint in workdir/evaluations/."""
+  folder = os.path.join(workdir, "evaluations")
+  os.makedirs(folder, exist_ok=True)
+  slug = "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
+  payload = {"label": label, "split": split, "metrics": metrics, "command": command,
+             "settings": settings}
+  with open(os.path.join(folder, f"{slug}.json"), "w") as f:
+    json.dump(payload, f, indent=2, sort_keys=True)
+
+
+@dataclasses.dataclass
+class Entry:
+  """One run of the ledger."""
+  dataset: str
+  name: str
+  seed: int
+  config: dict
+  metrics: list
+  results: dict | None
+  run: dict
+  evaluations: list
+
+  @property
+  def kind(self) -> str:
+    return self.run.get("kind", "run")
+
+  def records(self, split: str) -> list[dict]:
+    """Records of `split`, one per epoch (a repeated epoch keeps its last record)."""
+    by_epoch = {}
+    for record in self.metrics:
+      if record.get("split") == split:
+        by_epoch[record.get("epoch")] = record
+    return [by_epoch[epoch] for epoch in sorted(by_epoch, key=lambda e: (e is None, e))]
+
+  def best_valid(self) -> dict | None:
+    if self.results:
+      epoch = self.results["best_epoch"]
+      for record in self.records("valid"):
+        if record["epoch"] == epoch:
+          return record
+    valid = self.records("valid")
+    return max(valid, key=lambda r: r.get("ndcg@10", -1)) if valid else None
+
+
+def _read_json(path: str):
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def load(root: str) -> list[Entry]:
+  """Every run under `root`, sorted by (dataset, name, seed)."""
+  entries = []
+  if not os.path.isdir(root):
+    return entries
+  for dataset in sorted(os.listdir(root)):
+    for name in sorted(os.listdir(os.path.join(root, dataset))):
+      for seed_dir in sorted(os.listdir(os.path.join(root, dataset, name))):
+        folder = os.path.join(root, dataset, name, seed_dir)
+        if not (seed_dir.startswith("seed") and os.path.isdir(folder)):
+          continue
+        config = _read_json(os.path.join(folder, "config.json"))
+        if config is None:
+          raise LedgerError(f"{folder} has no config.json; remove the folder or re-add the run.")
+        metrics = []
+        path = os.path.join(folder, "metrics.jsonl")
+        if os.path.exists(path):
+          with open(path) as f:
+            metrics = [json.loads(line) for line in f if line.strip()]
+        evaluations = []
+        evaluations_dir = os.path.join(folder, "evaluations")
+        if os.path.isdir(evaluations_dir):
+          evaluations = [_read_json(os.path.join(evaluations_dir, file_name))
+                         for file_name in sorted(os.listdir(evaluations_dir))
+                         if file_name.endswith(".json")]
+        entries.append(Entry(dataset, name, int(seed_dir[4:]), config, metrics,
+                             _read_json(os.path.join(folder, "results.json")),
+                             _read_json(os.path.join(folder, "run.json")) or {}, evaluations))
+  return entries

@@ -1,0 +1,239 @@
+"""docs/results.md and its figures, rebuilt from the results ledger alone.
+
+  python bin/ledger.py report [--root results] [--out docs/results.md]
+
+Every number on the page comes from a file under results/ (see `ledger`) or from the
+published figures that ship with the package (`report.published_results`); no path of the
+machine that built the page is printed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from diffurec_jax import ledger as ledger_lib
+from diffurec_jax import report as report_lib
+
+HEADLINE = ("hit@10", "ndcg@10")
+ALL_METRICS = ("hit@5", "hit@10", "hit@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr@10")
+# Which published rows a ledger run is compared with, by its variant (the first one present).
+PAPER_ROWS = {"diffurec": ("DiffuRec (TOIS 2023)",), "v1": ("DiffuRecSys V1 (paper)",),
+              "v2": ("DiffuRecSys V2 (paper)",),
+              "sasrec": ("SASRec-CE (RecBole, third party)", "SASRec (DiffuRecSys Table 5)")}
+DATASET_TITLES = {"toys": "Amazon Toys", "beauty": "Amazon Beauty", "ml-1m": "MovieLens-1M"}
+
+
+def _mean_std(values):
+  values = [v for v in values if v is not None]
+  if not values:
+    return None, None
+  return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _percent(mean, std=None, seeds=1) -> str:
+  if mean is None:
+    return "-"
+  text = f"{100 * mean:.2f}"
+  return text + (f" ± {100 * std:.2f}" if seeds > 1 else "")
+
+
+def _minutes(seconds) -> str:
+  return "-" if seconds is None else f"{seconds / 60:.1f}"
+
+
+def _paper_label(dataset: str, variant: str) -> str | None:
+  published = report_lib.published_results(dataset)
+  return next((label for label in PAPER_ROWS.get(variant, ()) if label in published), None)
+
+
+def published_row(dataset: str, variant: str) -> dict | None:
+  """The published test figures a `variant` run on `dataset` is compared with, or None."""
+  label = _paper_label(dataset, variant)
+  return report_lib.published_results(dataset)[label] if label else None
+
+
+def group_runs(entries):
+  """{(dataset, name): [Entry]} of finished runs (kind 'run')."""
+  groups = {}
+  for entry in entries:
+    if entry.kind == "run" and entry.results:
+      groups.setdefault((entry.dataset, entry.name), []).append(entry)
+  return groups
+
+
+def summary_row(dataset, name, runs) -> dict:
+  """One table row: test metrics mean/std over seeds, the paper's, time and epochs."""
+  row = {"dataset": dataset, "name": name, "seeds": len(runs),
+         "variant": runs[0].config.get("variant", "diffurec")}
+  for metric in ALL_METRICS:
+    row[metric] = _mean_std([r.results["test"].get(metric) for r in runs])
+  best_times = []
+  for run in runs:
+    best = run.best_valid()
+    best_times.append(best.get("wall_s") if best else None)
+  row["minutes_to_best"] = _mean_std(best_times)[0]
+  row["minutes_total"] = _mean_std([r.results.get("wall_s") for r in runs])[0]
+  row["best_epoch"] = [r.results["best_epoch"] for r in runs]
+  row["epochs_run"] = [r.results["epochs_run"] for r in runs]
+  row["stopped_early"] = [r.results["best_epoch"] < r.results["epochs_run"] for r in runs]
+  row["paper"] = published_row(dataset, row["variant"])
+  row["paper_label"] = _paper_label(dataset, row["variant"])
+  row["machine"] = runs[0].run.get("machine", {})
+  row["command"] = runs[0].run.get("command", "")
+  row["notes"] = "; ".join(sorted({r.run.get("notes", "") for r in runs} - {""}))
+  row["mask_history"] = any(r.results.get("mask_history") for r in runs)
+  row["valid"] = (runs[0].results.get("valid_users"), runs[0].results.get("valid_steps"))
+  row["test_steps"] = runs[0].results.get("sample_steps")
+  return row
+
+
+def _machine_text(machine: dict) -> str:
+  if not machine:
+    return "-"
+  if machine.get("platform") == "cpu":
+    return f"{machine.get('cpu', 'CPU')}, {machine.get('cores')} cores"
+  return machine.get("device", "-")
+
+
+def time_to_accuracy_figure(dataset, entries, path):
+  """Validation NDCG@10 against wall-clock minutes, one line per run; paper values dashed."""
+  figure = Figure(figsize=(8, 4.5))
+  axis = figure.add_subplot(1, 1, 1)
+  colors = {}
+  for entry in entries:
+    valid = entry.records("valid")
+    points = [(r["wall_s"] / 60, r["ndcg@10"]) for r in valid if r.get("wall_s") is not None]
+    if not points:
+      continue
+    color = colors.setdefault(entry.name, f"C{len(colors) % 10}")
+    style = "--" if entry.kind == "trial" else "-"
+    axis.plot(*zip(*points), style, marker="o", markersize=3, color=color,
+              label=f"{entry.name} s{entry.seed}" + (" (trial)" if entry.kind == "trial" else ""))
+  shown = set()
+  for entry in entries:
+    variant = entry.config.get("variant", "diffurec")
+    paper = published_row(dataset, variant)
+    if paper and variant not in shown:
+      shown.add(variant)
+      axis.axhline(paper["ndcg@10"], color="gray", linestyle=":", linewidth=1)
+      axis.annotate(f"{_paper_label(dataset, variant)}: test NDCG@10", (0.01, paper["ndcg@10"]),
+                    xycoords=("axes fraction", "data"), fontsize=7, color="gray", va="bottom")
+  axis.set(title=f"{DATASET_TITLES.get(dataset, dataset)}: validation NDCG@10 vs wall-clock",
+           xlabel="wall-clock minutes since the run started (resumes included)",
+           ylabel="validation NDCG@10")
+  axis.legend(fontsize=7, loc="lower right")
+  FigureCanvasAgg(figure)
+  figure.tight_layout()
+  figure.savefig(path, dpi=110)
+
+
+def trial_table(dataset, trials) -> list[str]:
+  """Recipe search: validation NDCG@10 each trial reached at the same wall-clock budgets."""
+  if not trials:
+    return []
+  budget = min(max((r.get("wall_s") or 0) for r in t.records("valid")) for t in trials
+               if t.records("valid"))
+  lines = [f"Recipe search on {DATASET_TITLES.get(dataset, dataset)} (runs stopped on purpose "
+           "after a few epochs; equal wall-clock):", "",
+           "| trial | what differs | valid NDCG@10 at epoch 1 | at epoch 2 | best within 1.05 x "
+           f"{budget / 60:.1f} min | command |", "|---|---|---|---|---|---|"]
+  for trial in trials:
+    valid = trial.records("valid")
+    by_epoch = {r["epoch"]: r for r in valid}
+    within = [r["ndcg@10"] for r in valid if (r.get("wall_s") or math.inf) <= 1.05 * budget]
+    cell = lambda e: (f"{by_epoch[e]['ndcg@10']:.4f} ({by_epoch[e]['wall_s'] / 60:.1f} min)"
+                      if e in by_epoch and by_epoch[e].get("wall_s") else "-")
+    lines.append(f"| {trial.name} | {trial.run.get('notes', '')} | {cell(1)} | {cell(2)} | "
+                 f"{max(within):.4f} | `{trial.run.get('command', '')}` |" if within else
+                 f"| {trial.name} | {trial.run.get('notes', '')} | - | - | - | |")
+  return lines + [""]
+
+
+def evaluation_rows(entries) -> list[str]:
+  lines = []
+  for entry in entries:
+    for evaluation in entry.evaluations:
+      metrics = evaluation["metrics"]
+      base = entry.results["test"] if entry.results and evaluation["split"] == "test" else {}
+      delta = (f"{100 * (metrics['ndcg@10'] - base['ndcg@10']):+.2f}"
+               if base.get("ndcg@10") is not None else "-")
+      lines.append(f"| {entry.dataset} | {entry.name} s{entry.seed} | {evaluation['label']} | "
+                   f"{evaluation['split']} | {_percent(metrics.get('hit@10'))} | "
+                   f"{_percent(metrics.get('ndcg@10'))} | {delta} | `{evaluation['command']}` |")
+  if not lines:
+    return []
+  return (["## Later evaluations of selected checkpoints", "",
+           "| dataset | run | evaluation | split | HR@10 % | NDCG@10 % | NDCG@10 vs the run's "
+           "test (points) | command |", "|---|---|---|---|---|---|---|---|"] + lines + [""])
+
+
+def build_markdown(root: str, figures_dir: str, figures_link: str) -> str:
+  """The whole page; writes the figures into `figures_dir` (linked as `figures_link`)."""
+  entries = ledger_lib.load(root)
+  groups = group_runs(entries)
+  lines = [
+      "# Results", "",
+      "Rebuilt from the results ledger (`results/`) by `python bin/ledger.py report`; never "
+      "edited by hand. Protocol: leave-one-out by time, full ranking over all items (the "
+      "padding item never ranked), ties counted pessimistically, metrics averaged over users, "
+      "the checkpoint selected on validation and tested once. Percentages. History items are "
+      "not masked unless a row says so. Paper columns are the published test figures that ship "
+      "with the package (`diffurec_jax/reference/published_results.json`).", ""]
+  if not entries:
+    return "\n".join(lines + ["The ledger is empty: add runs with `python bin/ledger.py add`.", ""])
+  os.makedirs(figures_dir, exist_ok=True)
+  for dataset in sorted({e.dataset for e in entries}):
+    title = DATASET_TITLES.get(dataset, dataset)
+    rows = [summary_row(d, n, runs) for (d, n), runs in sorted(groups.items()) if d == dataset]
+    lines += [f"## {title}", ""]
+    if rows:
+      lines += ["| run | seeds | test HR@10 | test NDCG@10 | paper HR@10 / NDCG@10 | NDCG@10 "
+                "vs paper (points) | best epoch / run | minutes to best / total | validation "
+                "(users, steps) | test steps |", "|---|---|---|---|---|---|---|---|---|---|"]
+      for row in rows:
+        paper = row["paper"]
+        paper_text = (f"{100 * paper['hit@10']:.2f} / {100 * paper['ndcg@10']:.2f} "
+                      f"({row['paper_label']})" if paper else "-")
+        gap = (f"{100 * (row['ndcg@10'][0] - paper['ndcg@10']):+.2f}" if paper else "-")
+        epochs = ", ".join(f"{b}/{e}" for b, e in zip(row["best_epoch"], row["epochs_run"]))
+        lines.append(
+            f"| {row['name']} | {row['seeds']} | {_percent(*row['hit@10'], row['seeds'])} | "
+            f"{_percent(*row['ndcg@10'], row['seeds'])} | {paper_text} | {gap} | {epochs} | "
+            f"{_minutes(row['minutes_to_best'])} / {_minutes(row['minutes_total'])} | "
+            f"{row['valid'][0]}, {row['valid'][1]} | {row['test_steps']} |")
+      lines += ["", "All test metrics (mean over seeds, percent):", "",
+                "| run | " + " | ".join(ALL_METRICS) + " | history masked |",
+                "|---|" + "---|" * (len(ALL_METRICS) + 1)]
+      for row in rows:
+        lines.append(f"| {row['name']} | " + " | ".join(
+            _percent(row[m][0]) for m in ALL_METRICS) + f" | {'yes' if row['mask_history'] else 'no'} |")
+      lines += ["", "How each run was made:", ""]
+      for row in rows:
+        note = f" Notes: {row['notes']}." if row["notes"] else ""
+        early = ("early stopping fired" if all(row["stopped_early"])
+                 else "ended at its last epoch (not stopped early)")
+        lines.append(f"- **{row['name']}**: `{row['command']}` on "
+                     f"{_machine_text(row['machine'])} (jax {row['machine'].get('jax', '?')}); "
+                     f"{early}.{note}")
+      lines.append("")
+    dataset_entries = [e for e in entries if e.dataset == dataset]
+    lines += trial_table(dataset, [e for e in dataset_entries if e.kind == "trial"])
+    figure_name = f"ledger_{dataset}_time_to_accuracy.png"
+    time_to_accuracy_figure(dataset, dataset_entries, os.path.join(figures_dir, figure_name))
+    lines += [f"![{title}: validation NDCG@10 against wall-clock minutes]"
+              f"({figures_link}/{figure_name})", ""]
+  lines += evaluation_rows([e for e in entries if e.evaluations])
+  return "\n".join(lines)
+
+
+def write(root: str, out: str) -> str:
+  figures_dir = os.path.join(os.path.dirname(out) or ".", "figures")
+  text = build_markdown(root, figures_dir, "figures")
+  with open(out, "w") as f:
+    f.write(text + "\n")
+  return out

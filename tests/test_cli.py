@@ -1,0 +1,238 @@
+"""The entrypoints as a new user meets them (issue 14): interrupts, time, workdir rules, errors,
+serving options, help, plots. Each test replays one item of that issue at the command line.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import polars as pl
+import pytest
+
+import helpers_train as helpers
+from helpers_train import trained_run, trained_workdir  # noqa: F401  (fixtures)
+
+from diffurec_jax import report
+from diffurec_jax import workdir as workdir_lib
+
+
+def _train(data_root, *flags, **kwargs):
+  return helpers.run_bin("train.py", *flags, data_root=data_root, **kwargs)
+
+
+# 1. Ctrl-C: one line, exit 130, the rerun resumes ----------------------------------------------
+
+
+def _interrupt_when(process, text: str, timeout: float = 240) -> str:
+  """Reads stdout until a line contains `text`, then sends SIGINT; returns what was read."""
+  seen, deadline = [], time.time() + timeout
+  while time.time() < deadline:
+    line = process.stdout.readline()
+    if not line:
+      break
+    seen.append(line)
+    if text in line:
+      process.send_signal(signal.SIGINT)
+      return "".join(seen)
+  process.kill()
+  pytest.fail(f"{text!r} never printed:\n{''.join(seen)}")
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_the_rerun_resumes(data_root, tmp_path):
+  helpers.require_toys(data_root)
+  flags = helpers.cli_flags({"train.num_epochs": 40}) + ["--workdir", str(tmp_path / "run")]
+  env = dict(os.environ, DIFFUREC_DATA=str(data_root), PYTHONUNBUFFERED="1",
+             **helpers.COMPILATION_CACHE_ENV)
+  for expected_start in ("starting a new run", "resuming from epoch"):
+    process = subprocess.Popen([sys.executable, str(helpers.REPO / "bin" / "train.py"), *flags],
+                               cwd=helpers.REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    out = _interrupt_when(process, "loss")  # The first epoch summary: training is under way.
+    started = time.time()
+    rest, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err[-3000:]
+    assert time.time() - started < 30
+    assert expected_start in out
+    lines = [line for line in err.splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1 and "rerun the same command to resume" in lines[0], err[-3000:]
+    assert "Traceback" not in err
+  assert not (tmp_path / "run" / "results.json").exists()
+
+
+# 2. Time: epoch i/N, compilation, validation, remaining time ----------------------------------
+
+
+def test_training_reports_time(trained_run):
+  out = trained_run.result.stdout
+  assert "starting a new run" in out and "2 epochs of 4 steps" in out
+  assert "compiled the train step" in out
+  assert "validating epoch 1 on" in out
+  assert "epoch   1/2 loss" in out and "so far, about" in out  # Remaining time after epoch 1.
+  assert "testing the best checkpoint" in out
+
+
+# 8. and 5. Config errors: one sentence, exit 2, before any data is read ------------------------
+
+
+def test_bad_config_numbers_are_refused_up_front(data_root, tmp_path):
+  result = _train(data_root, "--config", "configs/toys.py:smoke", "--workdir",
+                  str(tmp_path / "run"), "--config.train.batch_size=0",
+                  "--config.data.max_len=0", "--config.sample.steps=99")
+  helpers.assert_user_error(result, "train.batch_size=0", "data.max_len=0", "sample.steps=99",
+                            "--config.train.batch_size=")
+  assert not (tmp_path / "run").exists()  # Nothing read, nothing written.
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--config", "configs/toys.py:smoke", "--config.train.batchsize=8"],
+     ["batchsize", "did you mean", "batch_size"]),
+    (["--config", "configs/toys.py:nosuch"], ["Unknown preset", "nosuch", "smoke"]),
+])
+def test_config_typos_are_one_line(data_root, tmp_path, flags, words):
+  result = _train(data_root, *flags, "--workdir", str(tmp_path / "run"))
+  helpers.assert_user_error(result, *words)
+  assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_verbose_shows_the_traceback(data_root, tmp_path):
+  result = _train(data_root, "--config", "configs/toys.py:smoke", "--workdir",
+                  str(tmp_path / "run"), "--config.train.batch_size=0", "--verbose")
+  assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+# 3. A workdir where nothing was trained takes a corrected config -------------------------------
+
+
+@pytest.mark.slow
+def test_failed_run_does_not_lock_its_workdir(data_root, tmp_path):
+  workdir = tmp_path / "run"
+  failed = _train(data_root, *helpers.cli_flags({"data.user_core": 100000}),
+                  "--workdir", str(workdir))
+  assert failed.returncode == 2, failed.stderr[-3000:]
+  assert (workdir / "config.json").exists()
+  fixed = _train(data_root, *helpers.cli_flags({"train.num_epochs": 1}), "--workdir",
+                 str(workdir))
+  assert fixed.returncode == 0, fixed.stderr[-3000:]
+  assert "had no checkpoint: replaced its config.json" in fixed.stdout
+  assert "data.user_core" in fixed.stdout and "starting a new run" in fixed.stdout
+  assert json.loads((workdir / "config.json").read_text())["data"]["user_core"] != 100000
+
+
+# 10 (last part). A second process on a live workdir: exit 2, one line ---------------------------
+
+
+def test_second_process_on_a_live_workdir_is_refused(data_root, tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  with workdir_lib.Lock(str(workdir)):  # As a live training process holds it.
+    result = _train(data_root, *helpers.cli_flags(), "--workdir", str(workdir))
+  helpers.assert_user_error(result, "in use by another training process", str(os.getpid()))
+  with workdir_lib.Lock(str(workdir)):  # Released: a process that dies frees it too.
+    pass
+
+
+# 9. A finished run is never written to --------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_finished_read_only_workdir(trained_workdir, trained_run, data_root, tmp_path):
+  workdir = helpers.copy_workdir(trained_workdir, tmp_path / "run")
+  flags = trained_run.flags[:-2]  # Without "--workdir W".
+  before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in workdir.iterdir() if p.is_file()}
+  for path in [workdir, *workdir.rglob("*")]:
+    path.chmod(path.stat().st_mode & ~0o222)
+  try:
+    result = _train(data_root, *flags, "--workdir", str(workdir))
+  finally:
+    for path in [workdir, *workdir.rglob("*")]:
+      path.chmod(path.stat().st_mode | 0o200)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "already finished" in result.stdout
+  after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in workdir.iterdir() if p.is_file()}
+  assert after == before
+
+
+# 11. --help, TensorBoard, a learning-curve PNG -------------------------------------------------
+
+
+def test_help_lists_presets_and_config_fields(data_root):
+  result = _train(data_root, "--help")
+  assert result.returncode == 0, result.stderr
+  for text in ("--workdir", "smoke ", "v2_released", "train.batch_size = 1024",
+               "Global batch", "sample.steps = 0"):
+    assert text in result.stdout, text
+
+
+@pytest.mark.slow
+def test_plot_and_tensorboard_of_a_single_run(trained_workdir, data_root, tmp_path):
+  assert list(trained_workdir.glob("events.out.tfevents.*"))
+  assert (trained_workdir / "figures" / "learning_curve.png").is_file()
+  output = tmp_path / "curve.png"
+  result = helpers.run_bin("plot.py", "--workdir", str(trained_workdir), "--output", str(output),
+                           data_root=data_root)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_of_an_empty_workdir_is_one_line(data_root, tmp_path):
+  result = helpers.run_bin("plot.py", "--workdir", str(tmp_path), data_root=data_root)
+  helpers.assert_user_error(result, "no training record")
+
+
+# 7. and 6. Serving: --topk range, history excluded, columns, one warning ------------------------
+
+
+def _histories(trained_workdir, path: pathlib.Path):
+  with np.load(trained_workdir / "id_map.npz") as saved:
+    items = [str(item) for item in saved["item_ids"][1:]]
+  history = items[:6]
+  path.write_text("user,item\n" + "".join(f"u1,{item}\n" for item in history)
+                  + "u1,no-such-item\n")
+  return history, len(items)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topk, words", [(0, ["--topk 0", "1 or more"]),
+                                         (100000, ["--topk 100000", "fewer"])])
+def test_topk_out_of_range(trained_workdir, data_root, tmp_path, topk, words):
+  _histories(trained_workdir, tmp_path / "h.csv")
+  result = helpers.run_bin("infer.py", "--workdir", str(trained_workdir), "--input",
+                           str(tmp_path / "h.csv"), "--output", str(tmp_path / "r.csv"),
+                           "--topk", str(topk), data_root=data_root)
+  helpers.assert_user_error(result, *words)
+  assert not (tmp_path / "r.csv").exists()
+
+
+@pytest.mark.slow
+def test_recommendations_exclude_history(trained_workdir, data_root, tmp_path):
+  history, num_items = _histories(trained_workdir, tmp_path / "h.csv")
+  frames = {}
+  for flag in ("--exclude_history", "--noexclude_history"):
+    output = tmp_path / f"{flag}.csv"
+    result = helpers.run_bin("infer.py", "--workdir", str(trained_workdir), "--input",
+                             str(tmp_path / "h.csv"), "--output", str(output),
+                             "--topk", str(num_items - 3), flag, data_root=data_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "unknown item" in line]
+    assert len(warnings) == 1, result.stderr  # Said once.
+    frames[flag] = pl.read_csv(output, schema_overrides={"item": pl.String, "user": pl.String})
+  excluded, included = frames["--exclude_history"], frames["--noexclude_history"]
+  assert excluded.columns == ["user", "rank", "item", "score", "error"]  # As the README says.
+  assert not set(excluded["item"]) & set(history)
+  assert excluded.height == num_items - len(history)  # Fewer than K items were left.
+  assert set(included["item"]) & set(history) and included.height == num_items - 3
+
+
+# 4. Self-contained: published figures ship with the package ------------------------------------
+
+
+def test_published_results_ship_with_the_package(monkeypatch):
+  monkeypatch.delenv("DIFFUREC_REFERENCE", raising=False)
+  assert report.published_results("toys") and report.published_results("beauty")
+  assert not report.published_source().startswith("/")

@@ -1,0 +1,126 @@
+"""The results ledger: add runs, load them back, rebuild the report from them alone."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from diffurec_jax import config as config_lib
+from diffurec_jax import ledger
+from diffurec_jax import ledger_report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fake_workdir(path, *, dataset="toys", variant="diffurec", seed=0, test_ndcg=0.04,
+                 finished=True, valid=((1, 60.0, 0.02), (2, 120.0, 0.03), (3, 180.0, 0.029))):
+  """A workdir as train.py leaves it: config.json, metrics.jsonl, results.json."""
+  os.makedirs(path)
+  config = config_lib.base_config()
+  config_lib.apply_presets(config, variant)
+  config.data.name = dataset
+  config.seed = seed
+  with open(os.path.join(path, "config.json"), "w") as f:
+    f.write(config.to_json())
+  with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+    for epoch, wall, ndcg in valid:
+      f.write(json.dumps({"epoch": epoch, "split": "train", "loss": 9.0, "wall_s": wall - 5})
+              + "\n")
+      f.write(json.dumps({"epoch": epoch, "split": "valid", "ndcg@10": ndcg, "hit@10": 2 * ndcg,
+                          "wall_s": wall}) + "\n")
+  best = max(valid, key=lambda v: v[2])
+  if finished:
+    test = {k: test_ndcg for k in ledger_report.ALL_METRICS}
+    test["hit@10"] = 2 * test_ndcg
+    with open(os.path.join(path, "results.json"), "w") as f:
+      json.dump({"best_epoch": best[0], "epochs_run": len(valid), "test": test,
+                 "valid": {"ndcg@10": best[2]}, "wall_s": valid[-1][1] + 30,
+                 "mask_history": False, "sample_steps": 32, "valid_users": 100,
+                 "valid_steps": 1}, f)
+  return path
+
+
+MACHINE = {"cpu": "Test CPU", "cores": 2, "platform": "cpu", "device": "1 x cpu", "jax": "0"}
+
+
+def test_add_copies_small_files_and_describes_the_machine(tmp_path):
+  work = fake_workdir(str(tmp_path / "w"))
+  open(os.path.join(work, "id_map.npz"), "w").close()
+  target = ledger.add_run(work, str(tmp_path / "results"), "diffurec", command="python x")
+  assert target == str(tmp_path / "results" / "toys" / "diffurec" / "seed0")
+  assert sorted(os.listdir(target)) == ["config.json", "metrics.jsonl", "results.json",
+                                        "run.json"]
+  run = json.load(open(os.path.join(target, "run.json")))
+  assert run["command"] == "python x" and run["kind"] == "run"
+  assert {"cpu", "cores", "jax", "device", "platform"} <= set(run["machine"])
+
+
+def test_add_refuses_unfinished_runs_and_overwrites_only_when_asked(tmp_path):
+  root = str(tmp_path / "results")
+  unfinished = fake_workdir(str(tmp_path / "u"), finished=False)
+  with pytest.raises(ledger.LedgerError, match="not finished"):
+    ledger.add_run(unfinished, root, "diffurec", command="")
+  ledger.add_run(unfinished, root, "trial_a", command="", kind="trial")
+  with pytest.raises(ledger.LedgerError, match="--overwrite"):
+    ledger.add_run(unfinished, root, "trial_a", command="", kind="trial")
+  ledger.add_run(unfinished, root, "trial_a", command="", kind="trial", overwrite=True)
+
+
+def test_summary_rows_average_seeds_and_read_times(tmp_path):
+  root = str(tmp_path / "results")
+  for seed, ndcg in ((0, 0.04), (1, 0.05)):
+    ledger.add_run(fake_workdir(str(tmp_path / f"w{seed}"), seed=seed, test_ndcg=ndcg), root,
+                   "diffurec", command="c", machine=MACHINE)
+  (key, runs), = ledger_report.group_runs(ledger.load(root)).items()
+  row = ledger_report.summary_row(*key, runs)
+  assert row["seeds"] == 2
+  assert row["ndcg@10"][0] == pytest.approx(0.045)
+  assert row["ndcg@10"][1] == pytest.approx(0.0070710678)
+  assert row["minutes_to_best"] == pytest.approx(120.0)  # seconds at the best validation
+  assert row["best_epoch"] == [2, 2] and row["stopped_early"] == [True, True]
+  assert row["paper"]["ndcg@10"] == pytest.approx(0.0477)  # DiffuRec on Toys, packaged
+
+
+def test_repeated_epoch_keeps_its_last_record(tmp_path):
+  work = fake_workdir(str(tmp_path / "w"))
+  with open(os.path.join(work, "metrics.jsonl"), "a") as f:
+    f.write(json.dumps({"epoch": 2, "split": "valid", "ndcg@10": 0.031, "wall_s": 130}) + "\n")
+  ledger.add_run(work, str(tmp_path / "r"), "diffurec", command="")
+  entry, = ledger.load(str(tmp_path / "r"))
+  assert [r["ndcg@10"] for r in entry.records("valid")] == [0.02, 0.031, 0.029]
+
+
+def test_report_is_built_from_the_ledger_and_names_no_local_path(tmp_path):
+  root = str(tmp_path / "results")
+  ledger.add_run(fake_workdir(str(tmp_path / "a"), test_ndcg=0.0466), root, "diffurec",
+                 command="python bin/train.py --config configs/toys.py", machine=MACHINE)
+  ledger.add_run(fake_workdir(str(tmp_path / "b"), variant="sasrec", test_ndcg=0.035), root,
+                 "sasrec", command="python bin/train.py --config configs/toys.py:sasrec",
+                 machine=MACHINE)
+  ledger.add_run(fake_workdir(str(tmp_path / "c"), finished=False), root, "trial_lr", command="t",
+                 kind="trial", notes="lr 2e-3", machine=MACHINE)
+  out = str(tmp_path / "docs" / "results.md")
+  os.makedirs(os.path.dirname(out))
+  ledger_report.write(root, out)
+  text = open(out).read()
+  assert "| diffurec | 1 | 9.32 | 4.66 | 7.46 / 4.77 (DiffuRec (TOIS 2023)) | -0.11 |" in text
+  assert "| sasrec | 1 | 7.00 | 3.50 |" in text
+  assert "| trial_lr | lr 2e-3 |" in text
+  assert str(tmp_path) not in text and ROOT not in text
+  assert os.path.exists(tmp_path / "docs" / "figures" / "ledger_toys_time_to_accuracy.png")
+
+
+def test_cli_add_and_report(tmp_path):
+  work = fake_workdir(str(tmp_path / "w"))
+  run = lambda *args: subprocess.run([sys.executable, os.path.join(ROOT, "bin", "ledger.py"),
+                                      *args], capture_output=True, text=True, cwd=tmp_path)
+  added = run("add", "--workdir", work, "--name", "diffurec", "--command", "c")
+  assert added.returncode == 0, added.stderr
+  again = run("add", "--workdir", work, "--name", "diffurec")
+  assert again.returncode == 2 and again.stderr.startswith("error: ") and "--overwrite" in again.stderr
+  os.makedirs(tmp_path / "docs")
+  built = run("report")
+  assert built.returncode == 0, built.stderr
+  assert "| diffurec | 1 |" in (tmp_path / "docs" / "results.md").read_text()
