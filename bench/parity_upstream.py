@@ -379,7 +379,7 @@ def main(argv=None) -> int:
   import torch
 
   torch.set_num_threads(max(os.cpu_count() or 1, 1))
-  print(f"official code: {os.path.abspath(args.upstream)}")
+  print(f"official code: {args.upstream}")
   print(f"batch {args.batch} (every other row left-padded), max_len {args.max_len}, "
         f"{args.num_items} items, hidden {args.hidden}, {args.num_blocks} blocks; relative "
         "difference = max|ours - official| / max|official|\n")

@@ -86,21 +86,27 @@ def attention_mask(key_mask: jax.Array, query_len: int, *, mask_padding_keys: bo
   return mask
 
 
+def _init_projections(module, hidden: int, num_heads: int, dropout_rate: float,
+                      style: layers.LayerStyle, rngs: nnx.Rngs):
+  """Query/key/value projections [H -> H] and the Xavier-normal output projection."""
+  if hidden % num_heads:
+    raise ValueError(f"hidden={hidden} must be divisible by num_heads={num_heads}.")
+  module.num_heads = num_heads
+  module.dropout_rate = dropout_rate
+  module.query = layers.dense(hidden, hidden, style, rngs=rngs)
+  module.key = layers.dense(hidden, hidden, style, use_bias=style.key_bias, rngs=rngs)
+  module.value = layers.dense(hidden, hidden, style, rngs=rngs)
+  module.out = layers.dense(hidden, hidden, style, xavier=True, rngs=rngs)
+
+
 class MultiHeadAttention(nnx.Module):
   """Scaled dot-product attention over `num_heads` heads, output projection Xavier-normal."""
 
   def __init__(self, hidden: int, num_heads: int, dropout_rate: float,
                style: layers.LayerStyle = layers.LayerStyle(), *, rngs: nnx.Rngs):
-    if hidden % num_heads:
-      raise ValueError(f"hidden={hidden} must be divisible by num_heads={num_heads}.")
-    self.num_heads = num_heads
-    self.dropout_rate = dropout_rate
-    self.query = layers.dense(hidden, hidden, style, rngs=rngs)
     # No key bias by default: softmax over keys is invariant to it, so its gradient is pure
     # rounding noise that Adam would amplify into steps (the DiffuRec code has one).
-    self.key = layers.dense(hidden, hidden, style, use_bias=style.key_bias, rngs=rngs)
-    self.value = layers.dense(hidden, hidden, style, rngs=rngs)
-    self.out = layers.dense(hidden, hidden, style, xavier=True, rngs=rngs)
+    _init_projections(self, hidden, num_heads, dropout_rate, style, rngs)
 
   def __call__(self, queries, keys_values, mask, query_fill=None, key=None):
     """queries [B, Lq, H], keys_values [B, Lk, H], mask [B|1, Lq, Lk] or None -> [B, Lq, H].
@@ -139,18 +145,11 @@ class LinearAttention(nnx.Module):
 
   def __init__(self, hidden: int, num_heads: int, dropout_rate: float, key_axis: str,
                style: layers.LayerStyle = layers.LayerStyle(), *, rngs: nnx.Rngs):
-    if hidden % num_heads:
-      raise ValueError(f"hidden={hidden} must be divisible by num_heads={num_heads}.")
     if key_axis not in ("sequence", "heads"):
       raise ValueError(f"key_axis={key_axis!r}; use 'sequence' or 'heads'.")
-    self.num_heads = num_heads
-    self.dropout_rate = dropout_rate
     self.key_axis = key_axis
-    self.query = layers.dense(hidden, hidden, style, rngs=rngs)
     # Unlike a softmax over keys, nothing cancels a key bias here.
-    self.key = layers.dense(hidden, hidden, style, use_bias=style.key_bias, rngs=rngs)
-    self.value = layers.dense(hidden, hidden, style, rngs=rngs)
-    self.out = layers.dense(hidden, hidden, style, xavier=True, rngs=rngs)
+    _init_projections(self, hidden, num_heads, dropout_rate, style, rngs)
 
   def key_weights(self, keys_values, key_valid=None) -> jax.Array:
     """Normalised keys [B, Lk, n, d] float32; padding positions (key_valid False) weigh 0."""

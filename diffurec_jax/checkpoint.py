@@ -44,18 +44,23 @@ class Checkpoints:
     step = manager.latest_step()
     if step is None:
       return None
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+      return restore_step(manager, step, target_state)
     except Exception as error:  # Orbax raises many types for damaged or mismatched files.
       path = os.path.join(manager.directory, str(step))
       raise CheckpointError(
           f"The checkpoint at {path} is corrupt or does not match this config's model "
           f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); delete it to start "
           "over, or use the config it was trained with.") from error
-    return restored["state"], restored["meta"]
 
   def close(self):
     self.latest.close()
     self.best.close()
+
+
+def restore_step(manager, step: int, target_state):
+  """(state, meta) saved at `step` by `manager`, shaped like `target_state`."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+  return restored["state"], restored["meta"]

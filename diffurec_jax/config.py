@@ -158,18 +158,8 @@ def _preset_v1_released(config):
   model.share_cross_attention_norm = True
   model.cross_fill_padding_queries = True
   model.every_block_reads_input = True
-  model.block_output_dropout = False
-  model.position_embedding = False
-  model.mask_padding_keys = False
-  model.mask_padding_queries = True
-  model.causal = False
-  model.layer_norm_eps = 1e-12
-  model.init = "torch"
-  model.attention_key_bias = True
-  model.loss_padding_column = True
-  model.item_init_std = 1.0
-  model.score_scale = 1.0
-  model.reverse_variance = "beta"
+  _official_code_conventions(model)
+  model.block_output_dropout = False  # built in its blocks but never called
   model.lambda_mean = 0.001
   model.lambda_std = 0.001
   model.diffusion_steps = 32
@@ -225,16 +215,8 @@ def _preset_sasrec(config):
   config.data.max_len = 50
 
 
-def _preset_upstream(config):
-  """DiffuRec's official code, numerically: its model conventions and its training recipe.
-
-  Architecture: no positions, the query-side padding mask, block-output dropout, LayerNorm
-  epsilon 1e-12, torch initialisation (N(0, 1) items, key bias), CE over all N+1 columns.
-  Recipe (main.py, trainer.py): Adam lr 1e-3, no weight decay, StepLR x0.1 every 100 epochs,
-  up to 500 epochs, validation every 20, patience 5 validations, a checkpoint kept when any
-  validation metric improves. Evaluation still never ranks the padding item.
-  """
-  model = config.model
+def _official_code_conventions(model):
+  """The model conventions the DiffuRec code (and the DiffuRecSys code built on it) uses."""
   model.position_embedding = False
   model.mask_padding_keys = False
   model.mask_padding_queries = True
@@ -247,6 +229,18 @@ def _preset_upstream(config):
   model.item_init_std = 1.0
   model.score_scale = 1.0
   model.reverse_variance = "beta"
+
+
+def _preset_upstream(config):
+  """DiffuRec's official code, numerically: its model conventions and its training recipe.
+
+  Architecture: no positions, the query-side padding mask, block-output dropout, LayerNorm
+  epsilon 1e-12, torch initialisation (N(0, 1) items, key bias), CE over all N+1 columns.
+  Recipe (main.py, trainer.py): Adam lr 1e-3, no weight decay, StepLR x0.1 every 100 epochs,
+  up to 500 epochs, validation every 20, patience 5 validations, a checkpoint kept when any
+  validation metric improves. Evaluation still never ranks the padding item.
+  """
+  _official_code_conventions(config.model)
   config.data.max_len = 50
   config.train.length_buckets = ()
   _preset_paper(config)

@@ -15,7 +15,6 @@ import os
 import signal
 import threading
 
-import jax
 import orbax.checkpoint as ocp
 
 from diffurec_jax import checkpoint as checkpoint_lib
@@ -114,16 +113,13 @@ class PartialCheckpoint:
     step = manager.latest_step()
     if step is None:
       return None
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+      return checkpoint_lib.restore_step(manager, step, target_state)
     except Exception as error:  # Orbax raises many types for damaged or mismatched files.
       raise checkpoint_lib.CheckpointError(
           f"The interrupted-epoch checkpoint at {self.directory}/{step} is corrupt or does not "
           f"match this config ({type(error).__name__}); delete {self.directory} to resume "
           "from the last finished epoch instead.") from error
-    return restored["state"], restored["meta"]
 
   def delete(self):
     if self.exists():

@@ -153,7 +153,11 @@ def load(root: str) -> list[Entry]:
   if not os.path.isdir(root):
     return entries
   for dataset in sorted(os.listdir(root)):
+    if not os.path.isdir(os.path.join(root, dataset)):
+      continue
     for name in sorted(os.listdir(os.path.join(root, dataset))):
+      if not os.path.isdir(os.path.join(root, dataset, name)):
+        continue  # e.g. results/<dataset>/notes.md
       for seed_dir in sorted(os.listdir(os.path.join(root, dataset, name))):
         folder = os.path.join(root, dataset, name, seed_dir)
         if not (seed_dir.startswith("seed") and os.path.isdir(folder)):

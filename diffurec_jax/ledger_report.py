@@ -221,6 +221,10 @@ def build_markdown(root: str, figures_dir: str, figures_link: str) -> str:
                      f"{_machine_text(row['machine'])} (jax {row['machine'].get('jax', '?')}); "
                      f"{early}.{note}")
       lines.append("")
+    notes = os.path.join(root, dataset, "notes.md")
+    if os.path.exists(notes):  # Prose kept beside the runs (what was tried, what is next).
+      with open(notes) as f:
+        lines += [f.read().strip(), ""]
     dataset_entries = [e for e in entries if e.dataset == dataset]
     lines += trial_table(dataset, [e for e in dataset_entries if e.kind == "trial"])
     figure_name = f"ledger_{dataset}_time_to_accuracy.png"

@@ -65,7 +65,7 @@ def init_model(config, num_items: int) -> model_lib.Bundle:
   return model_lib.split(module_class(num_items, config.data.max_len, config.model, rngs=rngs))
 
 
-LR_SCHEDULES = ("step", "cosine")
+LR_SCHEDULES = config_check.LR_SCHEDULES
 
 
 def learning_rate_schedule(train_config, steps_per_epoch: int):
@@ -394,7 +394,7 @@ def _train(config, workdir, main, interrupts, status, stop_after_epochs, stop_af
   return results
 
 
-SELECTIONS = ("metric", "any")
+SELECTIONS = config_check.SELECTIONS
 
 
 def _improved(valid: dict, meta: dict, metric: str, selection: str) -> bool:

@@ -124,3 +124,12 @@ def test_cli_add_and_report(tmp_path):
   built = run("report")
   assert built.returncode == 0, built.stderr
   assert "| diffurec | 1 |" in (tmp_path / "docs" / "results.md").read_text()
+
+
+def test_dataset_notes_are_included_verbatim(tmp_path):
+  root = tmp_path / "results"
+  ledger.add_run(fake_workdir(str(tmp_path / "a")), str(root), "diffurec", command="c",
+                 machine=MACHINE)
+  (root / "toys" / "notes.md").write_text("What was tried next: a cosine decay.")
+  text = ledger_report.build_markdown(str(root), str(tmp_path / "figures"), "figures")
+  assert "What was tried next: a cosine decay." in text
