@@ -53,7 +53,9 @@ def main(argv=None):
       dataset = data_lib.prepare(loaded.config.data)
       metrics, _ = evaluate_lib.evaluate_split(loaded.bundle, dataset, args.split, loaded.config,
                                                sharding.make_mesh())
-      command = "python bin/ledger.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+      # The workdir is named WORKDIR: a report never prints a path of the machine it ran on.
+      words = [("WORKDIR" if a == args.workdir else a) for a in (argv or sys.argv[1:])]
+      command = "python bin/ledger.py " + " ".join(shlex.quote(a) for a in words)
       ledger.write_evaluation(args.workdir, args.label, args.split, metrics, command=command,
                               settings={"steps": args.steps,
                                         "sampler": loaded.config.sample.sampler})

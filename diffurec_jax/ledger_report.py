@@ -80,15 +80,18 @@ def summary_row(dataset, name, runs) -> dict:
   row["minutes_total"] = _mean_std([r.results.get("wall_s") for r in runs])[0]
   row["best_epoch"] = [r.results["best_epoch"] for r in runs]
   row["epochs_run"] = [r.results["epochs_run"] for r in runs]
-  row["stopped_early"] = [r.results["best_epoch"] < r.results["epochs_run"] for r in runs]
+  # Early stopping fired when the run ended before its configured last epoch.
+  row["stopped_early"] = [r.results["epochs_run"] < r.config["train"]["num_epochs"] for r in runs]
   row["paper"] = published_row(dataset, row["variant"])
   row["paper_label"] = _paper_label(dataset, row["variant"])
   row["machine"] = runs[0].run.get("machine", {})
   row["command"] = runs[0].run.get("command", "")
   row["notes"] = "; ".join(sorted({r.run.get("notes", "") for r in runs} - {""}))
   row["mask_history"] = any(r.results.get("mask_history") for r in runs)
-  row["valid"] = (runs[0].results.get("valid_users"), runs[0].results.get("valid_steps"))
-  row["test_steps"] = runs[0].results.get("sample_steps")
+  diffusion = row["variant"] != "sasrec"
+  row["valid"] = (runs[0].results.get("valid_users"),
+                  runs[0].results.get("valid_steps") if diffusion else "n/a")
+  row["test_steps"] = runs[0].results.get("sample_steps") if diffusion else "n/a"
   return row
 
 
