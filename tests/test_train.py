@@ -152,6 +152,7 @@ def test_resume_after_interrupt_equals_uninterrupted_run(data_root, tmp_path, tm
   config = helpers.tiny_config(data_root)
   uninterrupted, reference = _uninterrupted(config, tmp_path_factory)
   workdir = tmp_path / "run"
+  handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs in background
   with monkeypatch.context() as patch:
     stop_after_steps = {"steps2": 2, "steps4": 4}.get(how)
     if how == "sigint":
@@ -169,7 +170,7 @@ def test_resume_after_interrupt_equals_uninterrupted_run(data_root, tmp_path, tm
   assert "rerun the same command to resume" in str(raised.value)
   assert (workdir / "checkpoints" / "interrupted").is_dir()
   assert not (workdir / "results.json").exists()
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Handlers restored.
+  assert signal.getsignal(signal.SIGINT) is handler_before  # Handlers restored.
   capsys.readouterr()
   resumed = train.train_and_evaluate(config, str(workdir), progress=False)
   out = capsys.readouterr().out
