@@ -38,6 +38,7 @@ from diffurec_jax import evaluate as evaluate_lib
 from diffurec_jax import interrupt as interrupt_lib
 from diffurec_jax import learning_curve
 from diffurec_jax import model as model_lib
+from diffurec_jax.optimizer import make_optimizer
 from diffurec_jax import progress as progress_lib
 from diffurec_jax import sasrec as sasrec_lib
 from diffurec_jax import schedule as schedule_lib
@@ -63,46 +64,6 @@ def init_model(config, num_items: int) -> model_lib.Bundle:
   rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(config.seed), 0))
   module_class = sasrec_lib.SASRec if config.variant == "sasrec" else model_lib.DiffuRec
   return model_lib.split(module_class(num_items, config.data.max_len, config.model, rngs=rngs))
-
-
-LR_SCHEDULES = config_check.LR_SCHEDULES
-
-
-def learning_rate_schedule(train_config, steps_per_epoch: int):
-  """step -> learning rate: linear warm-up, then a step decay by epoch or a cosine to 0.
-
-  step:   lr * lr_decay_rate ** floor(epoch / lr_decay_epochs) (torch StepLR; constant if 0)
-  cosine: lr * (1 + cos(pi * progress)) / 2 over the steps after warm-up, to num_epochs.
-  """
-  if train_config.lr_schedule not in LR_SCHEDULES:
-    raise ValueError(f"train.lr_schedule={train_config.lr_schedule!r}; use one of "
-                     f"{LR_SCHEDULES}.")
-  peak = train_config.learning_rate
-  warmup = int(round(train_config.warmup_epochs * steps_per_epoch))
-  if train_config.lr_schedule == "cosine":
-    total = max(train_config.num_epochs * steps_per_epoch - warmup, 1)
-    after = optax.cosine_decay_schedule(peak, total)
-  elif train_config.lr_decay_epochs:
-    after = optax.exponential_decay(
-        peak, transition_steps=train_config.lr_decay_epochs * steps_per_epoch,
-        decay_rate=train_config.lr_decay_rate, staircase=True)
-  else:
-    after = optax.constant_schedule(peak)
-  if not warmup:
-    return after
-  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
-
-
-def make_optimizer(train_config, steps_per_epoch: int) -> optax.GradientTransformation:
-  """Adam + L2 weight decay added to the gradient (as torch Adam), scheduled learning rate."""
-  learning_rate = learning_rate_schedule(train_config, steps_per_epoch)
-  parts = []
-  if train_config.grad_clip:
-    parts.append(optax.clip_by_global_norm(train_config.grad_clip))
-  if train_config.weight_decay:
-    parts.append(optax.add_decayed_weights(train_config.weight_decay))
-  parts += [optax.scale_by_adam(), optax.scale_by_learning_rate(learning_rate)]
-  return optax.chain(*parts)
 
 
 def training_setup(config, dataset):
