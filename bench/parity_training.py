@@ -4,7 +4,6 @@ PyTorch modules (imported by parity_upstream.py; torch is needed)."""
 
 from __future__ import annotations
 
-import types
 
 import jax
 import jax.numpy as jnp
@@ -15,14 +14,7 @@ from diffurec_jax import model as model_lib
 from diffurec_jax import optimizer as optimizer_lib
 from diffurec_jax import train as train_lib
 
-def upstream_args(config, num_items):
-  return types.SimpleNamespace(
-      hidden_size=config.model.hidden, dropout=config.model.dropout,
-      emb_dropout=config.model.emb_dropout, num_blocks=config.model.num_blocks,
-      lambda_uncertainty=config.model.lambda_mean, diffusion_steps=config.model.diffusion_steps,
-      noise_schedule=config.model.schedule, schedule_sampler_name="lossaware",
-      rescale_timesteps=True, item_num=num_items, max_len=config.data.max_len)
-
+from upstream_code import upstream_args
 
 def relative_difference(a, b, rows=None) -> float:
   a = np.asarray(a, np.float64)

@@ -31,7 +31,8 @@ from diffurec_jax import schedule as schedule_lib
 from diffurec_jax import train as train_lib
 
 import parity_training  # bench/: the training-mode checks and shared helpers
-from parity_training import relative_difference, upstream_args
+from parity_training import relative_difference
+from upstream_code import import_upstream, upstream_args
 
 # Why the default model differs from the official code (printed beside its differences).
 DEFAULT_REASONS = {
@@ -54,23 +55,6 @@ def parse_args(argv=None):
   parser.add_argument("--tolerance", type=float, default=1e-5)
   parser.add_argument("--seed", type=int, default=0)
   return parser.parse_args(argv)
-
-
-def import_upstream(path: str):
-  """The official `diffurec` and `model` modules, imported from `path`."""
-  for name in ("diffurec.py", "model.py", "step_sample.py"):
-    if not os.path.exists(os.path.join(path, name)):
-      sys.exit(f"--upstream {path}: no {name} there; point it at the official code's src/.")
-  try:
-    import torch  # noqa: F401
-  except ImportError:
-    sys.exit("torch is not installed: pip install -e '.[parity]' (a CPU wheel is enough).")
-  if not hasattr(np, "int"):
-    np.int = int  # step_sample.py uses np.int, removed in numpy 1.24.
-  sys.path.insert(0, os.path.abspath(path))
-  import diffurec as upstream_diffurec
-  import model as upstream_model
-  return upstream_diffurec, upstream_model
 
 
 def make_config(preset: str, args):

@@ -1,12 +1,21 @@
-"""Training and inference throughput on real data, after warm-up, median of repeats.
+"""Training and inference throughput on real data, after warm-up; ours, and the official code.
 
+One process, our code (as before):
   python bench/throughput.py --config configs/beauty.py:diffurec [--steps 20] [--baseline] [--json]
-
-Prints a table and, as its last line, JSON with train_examples_per_s, infer_users_per_s,
+prints a table and, as its last line, JSON with train_examples_per_s, infer_users_per_s,
 infer_users_per_s_4seeds, compile_s, peak_rss_mb (plus the padded-baseline figures and their
 ratios with --baseline: the same code with length buckets off, every history padded to
-max_len, measured in the same process). The official PyTorch DiffuRec figures on this kind
-of machine (92 training examples/s, 8.8 users/s; issue 6) are printed as labelled references.
+max_len, measured in the same process).
+
+Side by side with the official PyTorch DiffuRec (torch: the optional `parity` extra):
+  python bench/throughput.py --upstream PATH/TO/DiffuRec/src --rounds 2 \
+      [--variants diffurec,v1,v2,sasrec] [--dataset beauty] [--markdown docs/performance.md]
+Every round runs, per variant, our training and our inference each in a fresh process (so
+each peak RSS is that part's own, and compilation starts cold), and for DiffuRec the official
+code's training and inference (bench/upstream_throughput.py) at the same batch size, max_len
+and evaluation batch; the order of ours and theirs alternates between rounds. Figures are
+medians over rounds; ratios are ours / official of the medians. Without --upstream the same
+table is printed with our figures only. No reference figure is hard-coded.
 """
 
 import json
@@ -43,8 +52,20 @@ _BASELINE_STEPS = flags.DEFINE_integer("baseline_steps", 4, "Training steps per 
 _BASELINE_USERS = flags.DEFINE_integer("baseline_users", 128, "Users per baseline repeat.")
 _JSON = flags.DEFINE_bool("json", False, "Print only the JSON line.")
 
-PYTORCH_TRAIN_EXAMPLES_PER_S = 92.0  # Official DiffuRec, same kind of machine (issue 6).
-PYTORCH_INFER_USERS_PER_S = 8.8
+_PART = flags.DEFINE_enum("part", "all", ["all", "train", "infer"],
+                          "all: one process as above; train / infer: that part alone (side by "
+                          "side children).")
+_UPSTREAM = flags.DEFINE_string("upstream", None, "The official code's folder: side by side.")
+_SIDE = flags.DEFINE_bool("side_by_side", False, "The side-by-side table (implied by --upstream).")
+_ROUNDS = flags.DEFINE_integer("rounds", 2, "Side by side: rounds (medians are reported).")
+_VARIANTS = flags.DEFINE_list("variants", ["diffurec", "v1", "v2", "sasrec"],
+                              "Side by side: presets of configs/<dataset>.py to measure.")
+_DATASET = flags.DEFINE_string("dataset", "beauty", "Side by side: configs/<dataset>.py.")
+_USERS_4SEEDS = flags.DEFINE_integer("users_4seeds", 0, "Users of the 4-seed timing (0: --users).")
+_UPSTREAM_STEPS = flags.DEFINE_integer("upstream_steps", 10, "Official training steps timed.")
+_UPSTREAM_USERS = flags.DEFINE_integer("upstream_users", 512, "Official inference users timed.")
+_MARKDOWN = flags.DEFINE_string("markdown", None, "Side by side: write the table into this file "
+                                "between its bench markers (docs/performance.md).")
 
 
 def _time(function) -> float:
@@ -80,7 +101,8 @@ def train_throughput(config, dataset, mesh, steps, repeats):
   bundle = train_lib.init_model(config, dataset.num_items)
   state = sharding.replicate(
       train_lib.TrainState(bundle.params, tx.init(bundle.params), jnp.zeros((), jnp.int32)), mesh)
-  step = train_lib.make_train_step(loss_fn, bundle.graphdef, tx)
+  step = train_lib.make_train_step(loss_fn, bundle.graphdef, tx,
+                                   **train_lib.step_options(config))
   schedule = schedule_lib.make_schedule(config.model.schedule, config.model.diffusion_steps)
   key = jax.random.key(0)
   build = lambda plan: sharding.shard_batch(
@@ -113,7 +135,11 @@ def train_throughput(config, dataset, mesh, steps, repeats):
 
 
 def infer_throughput(config, dataset, mesh, bundle, num_users, repeats):
-  """(users/s median, compile seconds) of full-ranking evaluation of random test users."""
+  """(users/s median, compile seconds) of full-ranking evaluation of random test users.
+
+  Batches are built and placed before the clock starts; compile_s is the first call of each
+  batch shape (cold unless a persistent compilation cache is configured).
+  """
   examples = splits.eval_examples(dataset, "test")
   chosen = np.sort(np.random.default_rng(0).choice(len(examples.users), num_users,
                                                    replace=False))
@@ -155,19 +181,75 @@ def _progress(name, value):
   print(f"# {name}: {value}", file=sys.stderr, flush=True)
 
 
+def _header(config) -> dict:
+  return {"dataset": config.data.name, "variant": config.variant,
+          "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+          "batch_size": config.train.batch_size, "max_len": config.data.max_len,
+          "eval_batch_size": config.train.eval_batch_size,
+          "hidden": config.model.hidden, "num_blocks": config.model.num_blocks,
+          "diffusion_steps": config.model.diffusion_steps,
+          "sample_steps": config.sample.steps or config.model.diffusion_steps,
+          "length_buckets": list(evaluate_lib.bucket_config(config))}
+
+
+def _peak_rss_mb() -> float:
+  return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def part_train(config, mesh, dataset) -> dict:
+  """The training step alone (a side-by-side child): speed, compile seconds, peak RSS."""
+  rate, compile_s, _, gflops = train_throughput(config, dataset, mesh, _STEPS.value,
+                                                _REPEATS.value)
+  return {"train_examples_per_s": round(rate, 1), "train_gflops_per_s": round(gflops, 1),
+          "train_compile_s": round(compile_s, 1), "train_peak_rss_mb": _peak_rss_mb()}
+
+
+def part_infer(config, mesh, dataset) -> dict:
+  """Inference alone, freshly initialised weights (a side-by-side child): the configured
+  sampler, one reverse step and a 4-seed ensemble; speed, compile seconds, peak RSS."""
+  bundle = train_lib.init_model(config, dataset.num_items)
+  bundle = model_lib.Bundle(bundle.graphdef, sharding.replicate(bundle.params, mesh))
+  users, repeats = _USERS.value, _REPEATS.value
+  rate, compile_s = infer_throughput(config, dataset, mesh, bundle, users, repeats)
+  result = {"infer_users_per_s": round(rate, 1), "infer_compile_s": round(compile_s, 1)}
+  if config.variant != "sasrec":  # SASRec has no reverse chain: one forward is its inference.
+    one = config.copy_and_resolve_references()
+    one.sample.steps = 1
+    rate1, compile1 = infer_throughput(one, dataset, mesh, bundle, users, repeats)
+    seeds4 = config.copy_and_resolve_references()
+    seeds4.sample.seeds = 4  # A quarter of the users per batch: the same chains per batch.
+    seeds4.train.eval_batch_size = max(config.train.eval_batch_size // 4, 1)
+    rate4, compile4 = infer_throughput(seeds4, dataset, mesh, bundle,
+                                       _USERS_4SEEDS.value or users, repeats)
+    result.update({"infer_users_per_s_1step": round(rate1, 1),
+                   "infer_users_per_s_4seeds": round(rate4, 1),
+                   "infer_compile_s": round(compile_s + compile1 + compile4, 1)})
+  result["infer_peak_rss_mb"] = _peak_rss_mb()
+  return result
+
+
 def main(argv):
   del argv
+  if _UPSTREAM.value or _SIDE.value:
+    import side_by_side  # bench/
+    side_by_side.run(side_by_side.Options(
+        upstream=_UPSTREAM.value, rounds=_ROUNDS.value, variants=tuple(_VARIANTS.value),
+        dataset=_DATASET.value, steps=_STEPS.value, users=_USERS.value,
+        users_4seeds=_USERS_4SEEDS.value, eval_batch_size=_EVAL_BATCH.value,
+        upstream_steps=_UPSTREAM_STEPS.value, upstream_users=_UPSTREAM_USERS.value,
+        markdown=_MARKDOWN.value))
+    return
   config = _CONFIG.value
   config.train.eval_batch_size = _EVAL_BATCH.value
+  jax.config.update("jax_enable_compilation_cache", False)  # Compile seconds are cold.
   mesh = sharding.make_mesh()
   dataset = data_lib.prepare(config.data)
-  result = {"dataset": config.data.name, "variant": config.variant,
-            "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-            "batch_size": config.train.batch_size, "max_len": config.data.max_len,
-            "hidden": config.model.hidden, "num_blocks": config.model.num_blocks,
-            "diffusion_steps": config.model.diffusion_steps,
-            "sample_steps": config.sample.steps or config.model.diffusion_steps,
-            "length_buckets": list(evaluate_lib.bucket_config(config))}
+  result = _header(config)
+  if _PART.value != "all":
+    result["part"] = _PART.value
+    result.update((part_train if _PART.value == "train" else part_infer)(config, mesh, dataset))
+    print(json.dumps(result), flush=True)
+    return
   result["matmul_gflops_per_s"] = round(matmul_gflops(), 1)
   result.update(measure(config, mesh, dataset, _STEPS.value, _USERS.value, _REPEATS.value))
   if _BASELINE.value:
@@ -178,18 +260,14 @@ def main(argv):
     result.update({f"padded_{k}": v for k, v in base.items()})
     for k in ("train_examples_per_s", "infer_users_per_s", "infer_users_per_s_4seeds"):
       result[f"speedup_vs_padded_{k}"] = round(result[k] / base[k], 2)
-  result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+  result["peak_rss_mb"] = _peak_rss_mb()
   result["ratio_4seeds_cost"] = round(result["infer_users_per_s"]
                                       / result["infer_users_per_s_4seeds"], 2)
-  result["vs_pytorch_train"] = round(result["train_examples_per_s"]
-                                     / PYTORCH_TRAIN_EXAMPLES_PER_S, 1)
-  result["vs_pytorch_infer"] = round(result["infer_users_per_s"] / PYTORCH_INFER_USERS_PER_S, 1)
   if not _JSON.value:
     width = max(len(k) for k in result)
     for k, v in result.items():
       print(f"{k:<{width}}  {v}")
-    print("(vs_pytorch_*: ratios to the official PyTorch DiffuRec figures of issue 6, "
-          "92 ex/s and 8.8 users/s on this kind of 2-core machine; not measured in this run)")
+    print("(against the official code: bench/throughput.py --upstream PATH, measured side by side)")
   print(json.dumps(result), flush=True)
 
 

@@ -85,12 +85,13 @@ def base_config() -> ml_collections.ConfigDict:
   train.eval_batch_size = 1024  # Users per evaluation batch (padded, masked).
   train.learning_rate = 2e-3  # Peak Adam lr (fast recipe, docs/results.md; the papers: 1e-3).
   train.weight_decay = 0.0  # Adam with L2 added to the gradient, as torch Adam does.
-  train.lr_schedule = "step"  # step: x lr_decay_rate every lr_decay_epochs | cosine: to 0 at num_epochs.
+  train.lr_schedule = "cosine"  # cosine: to 0 at num_epochs | step: x lr_decay_rate every lr_decay_epochs.
   train.warmup_epochs = 0.5  # Linear warm-up from 0 over this many epochs (fractions allowed).
   train.lr_decay_epochs = 0  # Step decay: lr *= lr_decay_rate every this many epochs (0 = off).
   train.lr_decay_rate = 0.1
   train.grad_clip = 0.0  # Global-norm clip (0 = off).
-  train.num_epochs = 40  # Upper bound; early stopping normally ends the run first.
+  train.microbatch_tokens = 32768  # Split a step's batch when batch x length exceeds this (0 = never).
+  train.num_epochs = 20  # The cosine schedule's length (Toys: best valid at its end, docs/results.md).
   train.eval_every = 1  # Validate every this many epochs.
   train.patience = 5  # Early stop after this many evaluations without improvement (0 = off).
   train.valid_metric = "ndcg@10"  # Checkpoint selection metric (validation only).
@@ -208,6 +209,7 @@ def _preset_sasrec(config):
   config.train.batch_size = 256
   config.train.learning_rate = 1e-3
   config.train.weight_decay = 0.0
+  config.train.lr_schedule = "step"  # Constant (no decay epochs): SASRec's usual recipe.
   config.train.lr_decay_epochs = 0
   config.train.warmup_epochs = 0.0
   config.train.num_epochs = 200

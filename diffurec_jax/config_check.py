@@ -84,6 +84,7 @@ def _problems(config) -> list[str]:
   need(train.learning_rate >= 0, "train.learning_rate", ">= 0")
   need(train.weight_decay >= 0, "train.weight_decay", ">= 0")
   need(train.grad_clip >= 0, "train.grad_clip", ">= 0 (0 = off)")
+  need(train.microbatch_tokens >= 0, "train.microbatch_tokens", ">= 0 (0 = whole batches)")
   need(train.warmup_epochs >= 0, "train.warmup_epochs", ">= 0")
   need(integer(train.lr_decay_epochs) and train.lr_decay_epochs >= 0, "train.lr_decay_epochs",
        "an integer >= 0 (0 = off)")

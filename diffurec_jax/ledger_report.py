@@ -66,6 +66,14 @@ def group_runs(entries):
   return groups
 
 
+def _stopped_early(results: dict, train: dict) -> bool:
+  """Early stopping fired: fewer epochs than configured, or the last `patience` validations
+  after the best one (config.json keeps the first num_epochs of a resumed, extended run)."""
+  epochs, best = results["epochs_run"], results.get("best_epoch", results["epochs_run"])
+  patience = train.get("patience", 0) * train.get("eval_every", 1)
+  return epochs < train["num_epochs"] or (patience > 0 and epochs - best >= patience)
+
+
 def summary_row(dataset, name, runs) -> dict:
   """One table row: test metrics mean/std over seeds, the paper's, time and epochs."""
   row = {"dataset": dataset, "name": name, "seeds": len(runs),
@@ -81,7 +89,7 @@ def summary_row(dataset, name, runs) -> dict:
   row["best_epoch"] = [r.results["best_epoch"] for r in runs]
   row["epochs_run"] = [r.results["epochs_run"] for r in runs]
   # Early stopping fired when the run ended before its configured last epoch.
-  row["stopped_early"] = [r.results["epochs_run"] < r.config["train"]["num_epochs"] for r in runs]
+  row["stopped_early"] = [_stopped_early(r.results, r.config["train"]) for r in runs]
   row["paper"] = published_row(dataset, row["variant"])
   row["paper_label"] = _paper_label(dataset, row["variant"])
   row["machine"] = runs[0].run.get("machine", {})

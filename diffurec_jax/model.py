@@ -153,6 +153,11 @@ def weighted_cross_entropy(logits, targets, weights):
   return jnp.sum(jnp.where(weights > 0, losses, 0.0)) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+def loss_weight(batch) -> jax.Array:
+  """The denominator of diffusion_loss's weighted mean: the batch's real rows."""
+  return jnp.sum(batch["weights"])
+
+
 def diffusion_loss(params, graphdef, batch, rng, schedule, noise_config):
   """Algorithm 1: one CE loss on a batch {history [B, L], targets [B], weights [B]}.
 

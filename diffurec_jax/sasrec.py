@@ -58,6 +58,11 @@ def sequence_loss(params, graphdef, batch, rng):
   return jnp.sum(jnp.where(valid > 0, losses, 0.0)) / jnp.maximum(jnp.sum(valid), 1.0)
 
 
+def sequence_loss_weight(batch) -> jax.Array:
+  """The denominator of sequence_loss's weighted mean: real next-item positions."""
+  return jnp.sum((batch["next_items"] > 0) * batch["weights"][:, None])
+
+
 def last_hidden(bundle, history):
   """Evaluation: [B, H] representation of the next item."""
   return model_lib.merge(bundle)(history, last_only=True)[:, -1]

@@ -29,6 +29,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from diffurec_jax import accumulate
 from diffurec_jax import batches as batches_lib
 from diffurec_jax import checkpoint as checkpoint_lib
 from diffurec_jax import config as config_lib
@@ -78,12 +79,31 @@ def training_setup(config, dataset):
   return splits.training_examples(dataset), loss, False
 
 
-def make_train_step(loss_fn, graphdef, tx):
-  """jit(state, batch, key, schedule) -> (state, loss); the state buffer is donated."""
+def loss_weight_fn(config):
+  """batch -> the denominator of the variant's weighted-mean loss (for accumulation)."""
+  if config.variant == "sasrec":
+    return sasrec_lib.sequence_loss_weight
+  return model_lib.loss_weight
+
+
+def step_options(config) -> dict:
+  """make_train_step's keyword arguments for this config (micro-batching)."""
+  return {"weight_fn": loss_weight_fn(config), "max_tokens": config.train.microbatch_tokens}
+
+
+def make_train_step(loss_fn, graphdef, tx, *, weight_fn=None, max_tokens: int = 0):
+  """jit(state, batch, key, schedule) -> (state, loss); the state buffer is donated.
+
+  With max_tokens > 0, a batch of B histories of length L with B * L > max_tokens is processed
+  as k micro-batches (accumulate.py): the same update, a k-th of the activation memory.
+  """
 
   def train_step(state: TrainState, batch, key, schedule):
     rng = jax.random.fold_in(key, state.step)
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, graphdef, batch, rng, schedule)
+    batch_size, length = batch["history"].shape
+    k = accumulate.num_microbatches(batch_size, length, max_tokens if weight_fn else 0)
+    loss, grads = accumulate.value_and_grad(loss_fn, weight_fn, k)(
+        state.params, graphdef, batch, rng, schedule)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(params, opt_state, state.step + 1), loss
@@ -192,7 +212,7 @@ def _train(config, workdir, main, interrupts, status, stop_after_epochs, stop_af
           f"validation every {config.train.eval_every} epoch(s)", flush=True)
   state = sharding.replicate(state, mesh)
   schedule = schedule_lib.make_schedule(config.model.schedule, config.model.diffusion_steps)
-  train_step = make_train_step(loss_fn, bundle.graphdef, tx)
+  train_step = make_train_step(loss_fn, bundle.graphdef, tx, **step_options(config))
   eval_step = evaluate_lib.make_eval_step(config)
   valid_config = evaluate_lib.validation_config(config)
   valid_step = (evaluate_lib.make_eval_step(valid_config) if valid_config is not config

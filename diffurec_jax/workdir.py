@@ -16,10 +16,11 @@ import ml_collections
 import numpy as np
 
 # Fields that may change between a run and its resumption: where data lives, evaluation batch
-# size (results are per-user keyed, so identical), and num_epochs (to extend a run, or to end
+# size (results are per-user keyed, so identical), micro-batching (the same update, in less
+# memory; only the random draws are split differently), and num_epochs (to extend a run, or to end
 # it at its last checkpoint: the best-on-validation checkpoint is then tested).
 _RESUMABLE_CHANGES = ("data.root", "data.cache_dir", "data.download", "train.eval_batch_size",
-                      "train.num_epochs")
+                      "train.num_epochs", "train.microbatch_tokens")
 
 # Fields added after runs were written: an old config.json without them gets the value that
 # reproduces how that run was made (the model before the upstream-convention switches had no
@@ -32,6 +33,7 @@ _ADDED_FIELDS = {
     "train.valid_steps": 0, "train.lr_schedule": "step", "train.warmup_epochs": 0.0,
     "model.cross_attention_form": "dot_product", "model.share_cross_attention_norm": False,
     "model.cross_fill_padding_queries": False, "model.every_block_reads_input": False,
+    "train.microbatch_tokens": 0,
 }
 
 

@@ -133,3 +133,17 @@ def test_dataset_notes_are_included_verbatim(tmp_path):
   (root / "toys" / "notes.md").write_text("What was tried next: a cosine decay.")
   text = ledger_report.build_markdown(str(root), str(tmp_path / "figures"), "figures")
   assert "What was tried next: a cosine decay." in text
+
+
+@pytest.mark.parametrize("epochs_run, best, num_epochs, patience, eval_every, expected", [
+    (20, 20, 20, 5, 1, False),   # Ran its schedule to the end, best at the last epoch.
+    (20, 17, 20, 5, 1, False),   # Ended at its last epoch before patience ran out.
+    (20, 15, 20, 5, 1, True),    # Patience ran out exactly at the last epoch.
+    (23, 18, 40, 5, 1, True),    # Stopped before num_epochs.
+    (83, 73, 56, 10, 1, True),   # Extended by a resume (config.json keeps num_epochs 56).
+    (200, 100, 500, 5, 20, True),  # Validation every 20 epochs: 5 validations = 100 epochs.
+])
+def test_stopped_early(epochs_run, best, num_epochs, patience, eval_every, expected):
+  results = {"epochs_run": epochs_run, "best_epoch": best}
+  train = {"num_epochs": num_epochs, "patience": patience, "eval_every": eval_every}
+  assert ledger_report._stopped_early(results, train) is expected

@@ -38,7 +38,7 @@ sharding.check_batch_size(config.train.batch_size, mesh)
 state = sharding.replicate(
     train.TrainState(bundle.params, tx.init(bundle.params), jnp.zeros((), jnp.int32)), mesh)
 diffusion = schedule.make_schedule(config.model.schedule, config.model.diffusion_steps)
-step = train.make_train_step(loss_fn, bundle.graphdef, tx)
+step = train.make_train_step(loss_fn, bundle.graphdef, tx, **train.step_options(config))
 key = jax.random.fold_in(jax.random.key(config.seed), 1)
 losses = []
 for plan in plans:

@@ -1,0 +1,143 @@
+"""Where compilation time and memory go: one (function, bucket length) per fresh process.
+
+  python bench/compile_cost.py --config configs/beauty.py:v1 [--parts train,eval,eval4]
+
+For every length bucket and every part (the training step; the evaluation step with the
+configured sampler; the same with a 4-seed ensemble) a child process lowers and compiles that
+one function at that one shape and reports: lowering seconds, XLA compile seconds, the size of
+the optimised HLO (instructions, and how many are fusions / while loops / dots), the peak RSS
+of the process and how much compilation added to it, and the first run's seconds. Prints a
+table and a JSON line. `--length L --part P` runs one cell in this process.
+"""
+
+import json
+import re
+import resource
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from diffurec_jax import batches as batches_lib
+from diffurec_jax import data as data_lib
+from diffurec_jax import evaluate as evaluate_lib
+from diffurec_jax import sample
+from diffurec_jax import schedule as schedule_lib
+from diffurec_jax import sharding
+from diffurec_jax import train as train_lib
+from diffurec_jax.data import splits
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/beauty.py:diffurec", "Config.")
+_PARTS = flags.DEFINE_list("parts", ["train", "eval", "eval4"], "Functions to compile.")
+_PART = flags.DEFINE_string("part", None, "One part, in this process (child mode).")
+_LENGTH = flags.DEFINE_integer("length", None, "One bucket length, in this process.")
+_EVAL_BATCH = flags.DEFINE_integer("eval_batch_size", 256, "Users per evaluation batch.")
+_JSON = flags.DEFINE_bool("json", False, "Print only the JSON line.")
+
+
+def _rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def hlo_summary(text: str) -> dict:
+  """Instruction counts of an optimised HLO module's text."""
+  lines = [line for line in text.splitlines() if " = " in line and not line.lstrip().startswith("//")]
+  count = lambda pattern: sum(1 for line in lines if re.search(pattern, line))
+  return {"hlo_instructions": len(lines), "hlo_fusions": count(r"\bfusion\("),
+          "hlo_while": count(r"\bwhile\("), "hlo_dots": count(r"\bdot\("),
+          "hlo_kb": round(len(text) / 1024, 1)}
+
+
+def _compile(jitted, *args) -> dict:
+  """Lower, compile and run once; seconds, HLO size and memory."""
+  rss_before = _rss_mb()
+  start = time.perf_counter()
+  lowered = jitted.lower(*args)
+  lower_s = time.perf_counter() - start
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+  start = time.perf_counter()
+  jax.block_until_ready(compiled(*args))
+  run_s = time.perf_counter() - start
+  result = {"lower_s": round(lower_s, 2), "compile_s": round(compile_s, 2),
+            "first_run_s": round(run_s, 2), "rss_before_mb": round(rss_before, 1),
+            "peak_rss_mb": round(_rss_mb(), 1)}
+  result.update(hlo_summary(compiled.as_text()))
+  return result
+
+
+def one_cell(config, part: str, length: int) -> dict:
+  """Compile `part` at bucket `length` in this process."""
+  mesh = sharding.make_mesh()
+  dataset = data_lib.prepare(config.data)
+  bundle = train_lib.init_model(config, dataset.num_items)
+  key = jax.random.key(0)
+  lengths = batches_lib.bucket_lengths(config.data.max_len, evaluate_lib.bucket_config(config))
+  if part == "train":
+    examples, loss_fn, next_items = train_lib.training_setup(config, dataset)
+    history_lengths = (examples.ends - examples.starts).astype(np.int64)
+    plans = batches_lib.epoch_plan(history_lengths, config.train.batch_size, lengths, 0, 1)
+    plan = next(p for p in plans if p.length == length)
+    tx = train_lib.make_optimizer(config.train, len(plans))
+    state = sharding.replicate(
+        train_lib.TrainState(bundle.params, tx.init(bundle.params), jnp.zeros((), jnp.int32)),
+        mesh)
+    step = train_lib.make_train_step(loss_fn, bundle.graphdef, tx,
+                                     **train_lib.step_options(config))
+    schedule = schedule_lib.make_schedule(config.model.schedule, config.model.diffusion_steps)
+    batch = sharding.shard_batch(
+        batches_lib.build(plan, examples, dataset.items, next_items=next_items), mesh)
+    return _compile(step, state, batch, key, schedule)
+  config = config.copy_and_resolve_references()
+  config.train.eval_batch_size = _EVAL_BATCH.value
+  if part == "eval4":
+    config.sample.seeds = 4
+  examples = splits.eval_examples(dataset, "test")
+  plans = batches_lib.eval_plan((examples.ends - examples.starts).astype(np.int64),
+                                config.train.eval_batch_size, lengths)
+  plan = next(p for p in plans if p.length == length)
+  batch = sharding.shard_batch(batches_lib.build(plan, examples, dataset.items), mesh)
+  step = evaluate_lib.make_eval_step(config)
+  return _compile(step, bundle, batch, key, sample.sampling_schedule(config))
+
+
+def _child(part: str, length: int) -> dict:
+  argv = [sys.executable, __file__, f"--part={part}", f"--length={length}", "--json",
+          f"--eval_batch_size={_EVAL_BATCH.value}"]
+  argv += [arg for arg in sys.argv[1:] if arg.startswith("--config")]
+  done = subprocess.run(argv, capture_output=True, text=True)
+  if done.returncode:
+    return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  if _PART.value:
+    print(json.dumps(one_cell(config, _PART.value, _LENGTH.value)), flush=True)
+    return
+  lengths = batches_lib.bucket_lengths(config.data.max_len, evaluate_lib.bucket_config(config))
+  rows = []
+  for part in _PARTS.value:
+    for length in lengths:
+      row = {"part": part, "length": length, **_child(part, length)}
+      rows.append(row)
+      if not _JSON.value:
+        print(" ".join(f"{k}={v}" for k, v in row.items()), file=sys.stderr, flush=True)
+  summary = {"variant": config.variant, "batch_size": config.train.batch_size,
+             "max_len": config.data.max_len, "eval_batch_size": _EVAL_BATCH.value,
+             "compile_s_total": round(sum(r.get("lower_s", 0) + r.get("compile_s", 0)
+                                          for r in rows), 1),
+             "peak_rss_mb_max": max(r.get("peak_rss_mb", 0) for r in rows), "cells": rows}
+  print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
