@@ -23,13 +23,14 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffurec_jax import batches as batches_lib
+from diffurec_jax.data import batches as batches_lib
 from diffurec_jax import data as data_lib
 from diffurec_jax import evaluate as evaluate_lib
-from diffurec_jax import sample
-from diffurec_jax import schedule as schedule_lib
+from diffurec_jax import samplers as sample
+from diffurec_jax import diffusion as schedule_lib
 from diffurec_jax import sharding
-from diffurec_jax import train as train_lib
+from diffurec_jax.training import state as train_state
+from diffurec_jax.training import optimizer as optimizer_lib
 from diffurec_jax.data import splits
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/beauty.py:diffurec", "Config.")
@@ -76,20 +77,20 @@ def one_cell(config, part: str, length: int) -> dict:
   """Compile `part` at bucket `length` in this process."""
   mesh = sharding.make_mesh()
   dataset = data_lib.prepare(config.data)
-  bundle = train_lib.init_model(config, dataset.num_items)
+  bundle = train_state.init_model(config, dataset.num_items)
   key = jax.random.key(0)
   lengths = batches_lib.bucket_lengths(config.data.max_len, evaluate_lib.bucket_config(config))
   if part == "train":
-    examples, loss_fn, next_items = train_lib.training_setup(config, dataset)
+    examples, loss_fn, next_items = train_state.training_setup(config, dataset)
     history_lengths = (examples.ends - examples.starts).astype(np.int64)
     plans = batches_lib.epoch_plan(history_lengths, config.train.batch_size, lengths, 0, 1)
     plan = next(p for p in plans if p.length == length)
-    tx = train_lib.make_optimizer(config.train, len(plans))
+    tx = optimizer_lib.make_optimizer(config.train, len(plans))
     state = sharding.replicate(
-        train_lib.TrainState(bundle.params, tx.init(bundle.params), jnp.zeros((), jnp.int32)),
+        train_state.TrainState(bundle.params, tx.init(bundle.params), jnp.zeros((), jnp.int32)),
         mesh)
-    step = train_lib.make_train_step(loss_fn, bundle.graphdef, tx,
-                                     **train_lib.step_options(config))
+    step = train_state.make_train_step(loss_fn, bundle.graphdef, tx,
+                                     **train_state.step_options(config))
     schedule = schedule_lib.make_schedule(config.model.schedule, config.model.diffusion_steps)
     batch = sharding.shard_batch(
         batches_lib.build(plan, examples, dataset.items, next_items=next_items), mesh)

@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffurec_jax import attention
-from diffurec_jax import model as model_lib
-from diffurec_jax import optimizer as optimizer_lib
-from diffurec_jax import train as train_lib
+from diffurec_jax.models import attention
+from diffurec_jax.models import bundle as bundle_lib
+from diffurec_jax.models import diffurec as model_lib
+from diffurec_jax.training import optimizer as optimizer_lib
+from diffurec_jax.training import state as train_state
 
 from upstream_code import upstream_args
 
@@ -48,7 +49,7 @@ def dropout_sites(config, args, upstream_model_module, upstream_diffurec_module)
       count.append(1)
     return real(x, rate, key)
 
-  bundle = train_lib.init_model(config, args.num_items)
+  bundle = train_state.init_model(config, args.num_items)
   attention.dropout = counting
   try:
     model_lib.denoise(bundle, jnp.asarray(history.numpy(), jnp.int32),
@@ -67,7 +68,7 @@ def init_statistics(config, args, upstream_model_module, upstream_diffurec_modul
   official_model = upstream_model_module.Att_Diffuse_model(
       upstream_diffurec_module.DiffuRec(upstream_args(config, args.num_items)),
       upstream_args(config, args.num_items))
-  mine = model_lib.merge(train_lib.init_model(config, args.num_items))
+  mine = bundle_lib.merge(train_state.init_model(config, args.num_items))
   block, theirs_block = mine.approximator.blocks[0], official_model.diffu.xstart_model.att.transformer_blocks[0]
   pairs = [
       ("item table", mine.item_embedding[...], official_model.item_embeddings.weight),

@@ -21,14 +21,14 @@ import contextlib
 import os
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffurec_jax import config as config_lib
-from diffurec_jax import model as model_lib
-from diffurec_jax import schedule as schedule_lib
-from diffurec_jax import train as train_lib
+from diffurec_jax.models import bundle as bundle_lib
+from diffurec_jax.models import diffurec as model_lib
+from diffurec_jax import diffusion as schedule_lib
+from diffurec_jax.training import state as train_state
 
 import parity_training  # bench/: the training-mode checks and shared helpers
 from parity_training import relative_difference
@@ -72,7 +72,7 @@ def copy_weights(bundle, official):
   """Our parameters -> the official Att_Diffuse_model's tensors (in place)."""
   import torch
 
-  mine = model_lib.merge(bundle)
+  mine = bundle_lib.merge(bundle)
 
   def put(tensor, value):
     with torch.no_grad():
@@ -155,7 +155,7 @@ def make_inputs(args, config, rng):
 
 def ours(config, bundle, inputs):
   """Every compared quantity from our library, in evaluation mode."""
-  model = model_lib.merge(bundle)
+  model = bundle_lib.merge(bundle)
   schedule = schedule_lib.make_schedule(config.model.schedule, config.model.diffusion_steps)
   history = jnp.asarray(inputs["history"])
   e, key_mask = model.embed_history(history)
@@ -220,7 +220,7 @@ def official(official_model, config, inputs):
 
 def compare(config, args, upstream_model_module, upstream_diffurec_module, params_seed):
   """Rows (quantity, padded diff, unpadded diff) for `config` with shared weights."""
-  bundle = train_lib.init_model(config, args.num_items)
+  bundle = train_state.init_model(config, args.num_items)
   official_model = upstream_model_module.Att_Diffuse_model(
       upstream_diffurec_module.DiffuRec(upstream_args(config, args.num_items)),
       upstream_args(config, args.num_items))

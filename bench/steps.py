@@ -42,7 +42,7 @@ def _integers(text: str, name: str) -> list[int]:
 def main(argv):
   del argv
   cli.setup()
-  from diffurec_jax import steps_curve
+  from diffurec_jax.lab import steps_curve
 
   def run():
     if not os.path.isdir(_WORKDIR.value):

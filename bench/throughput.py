@@ -30,14 +30,15 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffurec_jax import batches as batches_lib
+from diffurec_jax.data import batches as batches_lib
 from diffurec_jax import data as data_lib
 from diffurec_jax import evaluate as evaluate_lib
-from diffurec_jax import model as model_lib
-from diffurec_jax import sample
-from diffurec_jax import schedule as schedule_lib
+from diffurec_jax.models import bundle as bundle_lib
+from diffurec_jax import samplers as sample
+from diffurec_jax import diffusion as schedule_lib
 from diffurec_jax import sharding
-from diffurec_jax import train as train_lib
+from diffurec_jax.training import state as train_state
+from diffurec_jax.training import optimizer as optimizer_lib
 from diffurec_jax.data import splits
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/beauty.py:diffurec", "Config.")
@@ -93,16 +94,16 @@ def step_flops(jitted, *args) -> float:
 
 def train_throughput(config, dataset, mesh, steps, repeats):
   """(examples/s median, compile seconds, bundle, GFLOP/s achieved) over real batches."""
-  examples, loss_fn, next_items = train_lib.training_setup(config, dataset)
+  examples, loss_fn, next_items = train_state.training_setup(config, dataset)
   lengths = batches_lib.bucket_lengths(config.data.max_len, evaluate_lib.bucket_config(config))
   history_lengths = (examples.ends - examples.starts).astype(np.int64)
   plans = batches_lib.epoch_plan(history_lengths, config.train.batch_size, lengths, 0, 1)
-  tx = train_lib.make_optimizer(config.train, len(plans))
-  bundle = train_lib.init_model(config, dataset.num_items)
+  tx = optimizer_lib.make_optimizer(config.train, len(plans))
+  bundle = train_state.init_model(config, dataset.num_items)
   state = sharding.replicate(
-      train_lib.TrainState(bundle.params, tx.init(bundle.params), jnp.zeros((), jnp.int32)), mesh)
-  step = train_lib.make_train_step(loss_fn, bundle.graphdef, tx,
-                                   **train_lib.step_options(config))
+      train_state.TrainState(bundle.params, tx.init(bundle.params), jnp.zeros((), jnp.int32)), mesh)
+  step = train_state.make_train_step(loss_fn, bundle.graphdef, tx,
+                                   **train_state.step_options(config))
   schedule = schedule_lib.make_schedule(config.model.schedule, config.model.diffusion_steps)
   key = jax.random.key(0)
   build = lambda plan: sharding.shard_batch(
@@ -130,7 +131,7 @@ def train_throughput(config, dataset, mesh, steps, repeats):
     seconds = time.perf_counter() - start
     rates.append(count / seconds)
     gflops.append(sum(flops_of[plan.length] for plan in chosen) / seconds / 1e9)
-  return (statistics.median(rates), compile_s, model_lib.Bundle(bundle.graphdef, state.params),
+  return (statistics.median(rates), compile_s, bundle_lib.Bundle(bundle.graphdef, state.params),
           statistics.median(gflops))
 
 
@@ -207,8 +208,8 @@ def part_train(config, mesh, dataset) -> dict:
 def part_infer(config, mesh, dataset) -> dict:
   """Inference alone, freshly initialised weights (a side-by-side child): the configured
   sampler, one reverse step and a 4-seed ensemble; speed, compile seconds, peak RSS."""
-  bundle = train_lib.init_model(config, dataset.num_items)
-  bundle = model_lib.Bundle(bundle.graphdef, sharding.replicate(bundle.params, mesh))
+  bundle = train_state.init_model(config, dataset.num_items)
+  bundle = bundle_lib.Bundle(bundle.graphdef, sharding.replicate(bundle.params, mesh))
   users, repeats = _USERS.value, _REPEATS.value
   rate, compile_s = infer_throughput(config, dataset, mesh, bundle, users, repeats)
   result = {"infer_users_per_s": round(rate, 1), "infer_compile_s": round(compile_s, 1)}

@@ -32,7 +32,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   cli.setup()
-  from diffurec_jax import experiment  # After jax.distributed setup.
+  from diffurec_jax.lab import experiment  # After jax.distributed setup.
 
   def run():
     config_flag = flags.FLAGS["config"]

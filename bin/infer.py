@@ -34,7 +34,7 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
   del argv
   cli.setup()
-  from diffurec_jax import infer
+  from diffurec_jax import serve as infer
 
   def run():
     if _INPUT.value and not _OUTPUT.value:

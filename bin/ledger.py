@@ -9,7 +9,6 @@ results/<dataset>/<name>/seed<k>/ (small files only: never checkpoints or data).
 """
 
 import argparse
-import os
 import shlex
 import sys
 
@@ -39,7 +38,8 @@ def parse(argv):
 
 def main(argv=None):
   args = parse(argv)
-  from diffurec_jax import ledger, ledger_report
+  from diffurec_jax.lab import ledger
+  from diffurec_jax.lab import ledger_report
   try:
     if args.command_name == "add":
       target = ledger.add_run(args.workdir, args.root, args.name, command=args.command,
@@ -48,7 +48,8 @@ def main(argv=None):
     elif args.command_name == "evaluate":
       from diffurec_jax import data as data_lib
       from diffurec_jax import evaluate as evaluate_lib
-      from diffurec_jax import infer, sharding
+      from diffurec_jax import sharding
+      from diffurec_jax import serve as infer
       loaded = infer.load(args.workdir, steps=args.steps, sampler=args.sampler)
       dataset = data_lib.prepare(loaded.config.data)
       metrics, _ = evaluate_lib.evaluate_split(loaded.bundle, dataset, args.split, loaded.config,

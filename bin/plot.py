@@ -15,7 +15,7 @@ flags.mark_flag_as_required("workdir")
 
 def main(argv):
   del argv
-  from diffurec_jax import learning_curve
+  from diffurec_jax.lab import learning_curve
 
   def run():
     print(learning_curve.plot(_WORKDIR.value, _OUTPUT.value))

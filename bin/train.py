@@ -16,7 +16,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   cli.setup()
-  from diffurec_jax import train  # After jax.distributed setup.
+  from diffurec_jax.training import loop as train  # After jax.distributed setup.
   cli.run_guarded(lambda: train.train_and_evaluate(_CONFIG.value, _WORKDIR.value))
 
 

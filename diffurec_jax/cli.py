@@ -52,7 +52,7 @@ def setup():
 
 def run_guarded(function):
   """Runs `function`; user errors become `error: ...` (exit 2), interrupts exit 130."""
-  from diffurec_jax import interrupt
+  from diffurec_jax.training import interrupt
   try:
     return function()
   except interrupt.Interrupted as error:

@@ -6,13 +6,13 @@ and the flag that fixes it, so a typo costs a second instead of an epoch.
 
 from __future__ import annotations
 
-from diffurec_jax import attention
+from diffurec_jax.models import attention
 from diffurec_jax import config as config_lib
-from diffurec_jax import layers
+from diffurec_jax.models import layers
 from diffurec_jax import metrics
-from diffurec_jax import mixing
-from diffurec_jax import sample
-from diffurec_jax import schedule
+from diffurec_jax.models import mixing
+from diffurec_jax import samplers as sample
+from diffurec_jax import diffusion as schedule
 from diffurec_jax.data import readers
 from diffurec_jax.data import transforms
 

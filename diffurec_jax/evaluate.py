@@ -14,9 +14,9 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from diffurec_jax import batches as batches_lib
+from diffurec_jax.data import batches as batches_lib
 from diffurec_jax import metrics
-from diffurec_jax import sample
+from diffurec_jax import samplers as sample
 from diffurec_jax import sharding
 from diffurec_jax.data import splits
 

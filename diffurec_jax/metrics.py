@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 KS = (5, 10, 20)
+# The metrics a run's results.json keeps (and a ledger row shows).
+RESULT_KEYS = ("hit@5", "hit@10", "hit@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr@10")
 
 
 def mask_items(scores: jax.Array, items: jax.Array, keep: jax.Array) -> jax.Array:

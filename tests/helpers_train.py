@@ -27,8 +27,10 @@ import time
 import jax
 import pytest
 
+from diffurec_jax import metrics
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-RESULT_KEYS = ("hit@5", "hit@10", "hit@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr@10")
+RESULT_KEYS = metrics.RESULT_KEYS
 
 # The smoke preset shrunk further. max_len 8 equals the preset's only length bucket, so every
 # step has one shape and compiles once; T stays 32 (the trunc_lin schedule needs T >= 21).

@@ -6,10 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffurec_jax import accumulate
+from diffurec_jax.training import accumulate
 from diffurec_jax import config as config_lib
-from diffurec_jax import sasrec
-from diffurec_jax import train
+from diffurec_jax.models import sasrec
+from diffurec_jax.training import state as train_state
+from diffurec_jax.training import optimizer as optimizer_lib
 from tiny_model import HIDDEN, HISTORY, MAX_LEN, NUM_ITEMS
 
 
@@ -72,15 +73,15 @@ def test_sasrec_step_split_equals_whole():
   next_items = jnp.concatenate([HISTORY[:, 1:], jnp.array([[9], [5], [20], [1]])], axis=1)
   batch = {"history": HISTORY, "next_items": next_items,
            "weights": jnp.array([1.0, 1.0, 0.0, 1.0])}
-  bundle = train.init_model(config, NUM_ITEMS)
-  tx = train.make_optimizer(config.train, 10)
+  bundle = train_state.init_model(config, NUM_ITEMS)
+  tx = optimizer_lib.make_optimizer(config.train, 10)
   loss_fn = lambda params, graphdef, b, rng, schedule: sasrec.sequence_loss(params, graphdef, b,
                                                                            rng)
   results = []
   for max_tokens in (0, 2 * MAX_LEN):  # Whole, then 2 micro-batches of 2 rows.
     params = jax.tree.map(jnp.copy, bundle.params)  # The step donates its state.
-    state = train.TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
-    step = train.make_train_step(loss_fn, bundle.graphdef, tx,
+    state = train_state.TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
+    step = train_state.make_train_step(loss_fn, bundle.graphdef, tx,
                                  weight_fn=sasrec.sequence_loss_weight, max_tokens=max_tokens)
     state, loss = step(state, batch, jax.random.key(0), None)
     results.append((loss, state.params))

@@ -11,13 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffurec_jax import batches
+from diffurec_jax.data import batches
 from diffurec_jax import config as config_lib
 from diffurec_jax import evaluate as evaluate_lib
 from diffurec_jax import metrics
-from diffurec_jax import model as model_lib
-from diffurec_jax import sample
-from diffurec_jax import train
+from diffurec_jax.models import bundle as bundle_lib
+from diffurec_jax.models import diffurec as model_lib
+from diffurec_jax import samplers as sample
+from diffurec_jax.training import state as train_state
 from diffurec_jax.data import splits
 
 NUM_ITEMS = 20
@@ -68,7 +69,7 @@ def small_config(**model):
 @pytest.fixture(scope="module")
 def exact_bundle():
   """No dropout and a constant lambda: nothing random inside the model."""
-  return train.init_model(small_config(dropout=0.0, emb_dropout=0.0, lambda_std=0.0), NUM_ITEMS)
+  return train_state.init_model(small_config(dropout=0.0, emb_dropout=0.0, lambda_std=0.0), NUM_ITEMS)
 
 
 @pytest.fixture(scope="module")
@@ -271,8 +272,8 @@ def test_bucketed_evaluation_equals_fully_padded(exact_bundle, schedule):
 
 
 def test_bucketed_sampling_equals_fully_padded_with_default_lambda_noise(schedule):
-  bundle = train.init_model(small_config(), NUM_ITEMS)
-  assert model_lib.merge(bundle).lambda_std > 0
+  bundle = train_state.init_model(small_config(), NUM_ITEMS)
+  assert bundle_lib.merge(bundle).lambda_std > 0
   chosen = np.array([0, 8, 12, 22])
   history = batches.build(batches.Plan(MAX_LEN, chosen), EXAMPLES, ITEMS)["history"]
   assert np.all(history[:, :4] == 0) and np.all(history[:, -1] > 0)  # All fit in 4 columns.

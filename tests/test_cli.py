@@ -17,8 +17,8 @@ import pytest
 import helpers_train as helpers
 from helpers_train import trained_run, trained_workdir  # noqa: F401  (fixtures)
 
-from diffurec_jax import report
-from diffurec_jax import workdir as workdir_lib
+from diffurec_jax.lab import report
+from diffurec_jax.training import workdir as workdir_lib
 
 
 def _train(data_root, *flags, **kwargs):

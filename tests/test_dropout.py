@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffurec_jax import attention
+from diffurec_jax.models import attention
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.3, 0.5])

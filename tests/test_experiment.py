@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from diffurec_jax import analysis, experiment
-from diffurec_jax import report as report_lib
+from diffurec_jax.lab import analysis
+from diffurec_jax.lab import experiment
+from diffurec_jax.lab import report as report_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GRID = ("diffurec", "v1", "v2", "sasrec", "steps1")  # As given to --variants.
@@ -100,7 +101,7 @@ def fake_table3(per_seed: dict) -> dict:
 
 
 def test_diffusion_answer():
-  from diffurec_jax import report
+  from diffurec_jax.lab import report
   assert "not run" in report.diffusion_answer(fake_table3({"diffurec": [0.1]}))["sentence"]
   lower = report.diffusion_answer(fake_table3({
       "diffurec": [0.10, 0.20, 0.30], "diffurec+lambda0": [0.05, 0.14, 0.26]}))

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from diffurec_jax import config as config_lib
-from diffurec_jax import ledger
-from diffurec_jax import ledger_report
+from diffurec_jax.lab import ledger
+from diffurec_jax.lab import ledger_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -17,10 +17,11 @@ import pytest
 from flax import nnx
 
 from diffurec_jax import config as config_lib
-from diffurec_jax import model as model_lib
-from diffurec_jax import sasrec
-from diffurec_jax import schedule as schedule_lib
-from diffurec_jax import train
+from diffurec_jax.models import bundle as bundle_lib
+from diffurec_jax.models import diffurec as model_lib
+from diffurec_jax.models import sasrec
+from diffurec_jax import diffusion as schedule_lib
+from diffurec_jax.training import state as train_state
 from tiny_model import HIDDEN, HISTORY, MAX_LEN, NUM_ITEMS
 
 NONE = ("none", 1.0, 0.1)
@@ -52,7 +53,7 @@ def small_config(variant, presets="", **model):
 
 @functools.cache
 def _bundle(variant, presets, model_items):
-  return train.init_model(small_config(variant, presets, **dict(model_items)), NUM_ITEMS)
+  return train_state.init_model(small_config(variant, presets, **dict(model_items)), NUM_ITEMS)
 
 
 def make_bundle(variant, presets="", **model):
@@ -77,7 +78,7 @@ def max_abs_diff(a, b):
 ])
 def test_left_padding_invariance_follows_mask_padding_keys(variant, presets, invariant):
   bundle = make_bundle(variant, presets, lambda_std=0.0)
-  model = model_lib.merge(bundle)
+  model = bundle_lib.merge(bundle)
   assert model.approximator.mask_padding_keys == invariant
   long = model_lib.denoise(bundle, HISTORY, X_T, STEPS, RNG)
   short = model_lib.denoise(bundle, SHORT_HISTORY, X_T, STEPS, RNG)
@@ -235,7 +236,7 @@ def test_last_only_matches_the_last_position_of_the_full_stack(variant, causal):
 
 def test_sasrec_last_hidden_matches_the_full_sequence():
   bundle = make_bundle("sasrec")
-  full = model_lib.merge(bundle)(HISTORY, last_only=False)
+  full = bundle_lib.merge(bundle)(HISTORY, last_only=False)
   chex.assert_trees_all_close(sasrec.last_hidden(bundle, HISTORY), full[:, -1], atol=1e-5)
 
 

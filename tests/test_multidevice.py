@@ -20,25 +20,32 @@ pytestmark = pytest.mark.slow
 _SCRIPT = r"""
 import json, sys
 import jax, jax.numpy as jnp, ml_collections, numpy as np
-from diffurec_jax import batches, data, evaluate, model, schedule, sharding, train
+from diffurec_jax import data, evaluate, sharding
+from diffurec_jax.data import batches
+from diffurec_jax.models import bundle as bundle_lib
+from diffurec_jax.models import diffurec as model
+from diffurec_jax import diffusion as schedule
+from diffurec_jax.training import loop as train
+from diffurec_jax.training import state as train_state
+from diffurec_jax.training import optimizer as optimizer_lib
 
 config_path, out = sys.argv[1], sys.argv[2]
 with open(config_path) as f:
   config = ml_collections.ConfigDict(json.load(f))
 dataset = data.prepare(config.data)
-examples, loss_fn, next_items = train.training_setup(config, dataset)
+examples, loss_fn, next_items = train_state.training_setup(config, dataset)
 lengths = batches.bucket_lengths(config.data.max_len, evaluate.bucket_config(config))
 plans = batches.epoch_plan((examples.ends - examples.starts).astype(np.int64),
                            config.train.batch_size, lengths, config.seed, 1,
                            config.train.max_steps_per_epoch)
-tx = train.make_optimizer(config.train, len(plans))
-bundle = train.init_model(config, dataset.num_items)
+tx = optimizer_lib.make_optimizer(config.train, len(plans))
+bundle = train_state.init_model(config, dataset.num_items)
 mesh = sharding.make_mesh()
 sharding.check_batch_size(config.train.batch_size, mesh)
 state = sharding.replicate(
-    train.TrainState(bundle.params, tx.init(bundle.params), jnp.zeros((), jnp.int32)), mesh)
+    train_state.TrainState(bundle.params, tx.init(bundle.params), jnp.zeros((), jnp.int32)), mesh)
 diffusion = schedule.make_schedule(config.model.schedule, config.model.diffusion_steps)
-step = train.make_train_step(loss_fn, bundle.graphdef, tx, **train.step_options(config))
+step = train_state.make_train_step(loss_fn, bundle.graphdef, tx, **train_state.step_options(config))
 key = jax.random.fold_in(jax.random.key(config.seed), 1)
 losses = []
 for plan in plans:
@@ -46,7 +53,7 @@ for plan in plans:
       batches.build(plan, examples, dataset.items, next_items=next_items), mesh)
   state, loss = step(state, batch, key, diffusion)
   losses.append(float(loss))
-valid, _ = evaluate.evaluate_split(model.Bundle(bundle.graphdef, state.params), dataset,
+valid, _ = evaluate.evaluate_split(bundle_lib.Bundle(bundle.graphdef, state.params), dataset,
                                    "valid", config, mesh, progress=False)
 paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(state.params))
 np.savez(out + ".npz", *[np.asarray(leaf) for leaf in leaves])

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from diffurec_jax import approximator as approximator_lib
-from diffurec_jax import attention
+from diffurec_jax.models import approximator as approximator_lib
+from diffurec_jax.models import attention
 from diffurec_jax import config as config_lib
-from diffurec_jax import layers
-from diffurec_jax import model as model_lib
-from diffurec_jax import schedule as schedule_lib
-from diffurec_jax import train
+from diffurec_jax.models import layers
+from diffurec_jax.models import diffurec as model_lib
+from diffurec_jax import diffusion as schedule_lib
+from diffurec_jax.training import state as train_state
 from tiny_model import HIDDEN, HISTORY, MAX_LEN, NUM_ITEMS
 
 TORCH_STYLE = layers.LayerStyle(init="torch", layer_norm_eps=1e-12, key_bias=True)
@@ -217,13 +217,13 @@ def _expected_param_count(h, blocks, released):
 @pytest.mark.parametrize("preset, released", [("v1", False), ("v2", False),
                                               ("v1_released", True), ("v2_released", True)])
 def test_parameter_count_by_hand(preset, released):
-  bundle = train.init_model(_small(preset), NUM_ITEMS)
+  bundle = train_state.init_model(_small(preset), NUM_ITEMS)
   count = sum(x.size for x in jax.tree.leaves(bundle.params))
   assert count == _expected_param_count(HIDDEN, 2, released)
 
 
 def test_released_model_is_jittable_and_finite_in_training_and_evaluation():
-  bundle = train.init_model(_small("v2_released"), NUM_ITEMS)
+  bundle = train_state.init_model(_small("v2_released"), NUM_ITEMS)
   x_t = jnp.asarray(np.random.default_rng(6).standard_normal((4, HIDDEN)), jnp.float32)
   steps = jnp.array([0, 5, 17, 31], jnp.int32)
   denoise = jax.jit(model_lib.denoise, static_argnames="train")
@@ -238,7 +238,7 @@ def test_released_model_is_jittable_and_finite_in_training_and_evaluation():
 
 def test_released_loss_trains_only_the_last_block():
   config = _small("v2_released")
-  bundle = train.init_model(config, NUM_ITEMS)
+  bundle = train_state.init_model(config, NUM_ITEMS)
   batch = {"history": HISTORY, "targets": jnp.array([9, 5, 20, 1], jnp.int32),
            "weights": jnp.ones(4)}
   noise = config.offset_noise

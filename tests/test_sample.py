@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from diffurec_jax import config as config_lib
-from diffurec_jax import model as model_lib
-from diffurec_jax import sample
-from diffurec_jax import schedule as schedule_lib
-from diffurec_jax import train
+from diffurec_jax.models import bundle as bundle_lib
+from diffurec_jax.models import diffurec as model_lib
+from diffurec_jax import samplers as sample
+from diffurec_jax import diffusion as schedule_lib
+from diffurec_jax.training import state as train_state
 from tiny_model import HIDDEN, HISTORY, MAX_LEN, NUM_ITEMS
 
 USERS = jnp.array([3, 11, 5, 0], jnp.int32)
@@ -51,7 +52,7 @@ def config():
 
 @pytest.fixture(scope="module")
 def bundle(config):
-  return train.init_model(config, NUM_ITEMS)
+  return train_state.init_model(config, NUM_ITEMS)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def max_abs_diff(a, b):
 @jax.jit
 def x0_prediction(bundle, history, x_t, t, lambdas):
   """f_theta with explicit lambdas [B, L, H]; no randomness inside."""
-  model = model_lib.merge(bundle)
+  model = bundle_lib.merge(bundle)
   e, key_mask = model.embed_history(history)
   return model.approximate(e, key_mask, x_t, t, lambdas)
 
@@ -79,7 +80,7 @@ def naive_log_probs(bundle, history, users, key, schedule, seed, sampler, varian
   fold_in(fold_in(key, seed), user); x_T from the user key itself, the lambda at recency
   position r of kept step k from fold_in(fold_in(user key, 2k + 1), r), and the reverse noise
   from fold_in(user key, 2k + 2)."""
-  model = model_lib.merge(bundle)
+  model = bundle_lib.merge(bundle)
   batch, length = history.shape
   user_keys = [jax.random.fold_in(jax.random.fold_in(key, seed), int(user)) for user in users]
   x = jnp.stack([jax.random.normal(user_key, (HIDDEN,)) for user_key in user_keys])
@@ -177,7 +178,7 @@ def test_ensemble_log_probs_is_the_log_of_the_mean_softmax(scores):
 def test_noise_is_keyed_per_user_not_per_batch_row(bundle, schedule):
   # With the default lambda_std the lambdas, x_T and the reverse noise of a row depend only on
   # (key, seed, user, step, L): reordering the batch and changing the neighbours changes nothing.
-  assert model_lib.merge(bundle).lambda_std > 0
+  assert bundle_lib.merge(bundle).lambda_std > 0
   others = jnp.array([[0, 0, 0, 0, 0, 0, 0, 2], [0, 0, 0, 14, 15, 16, 17, 18]], jnp.int32)
   history = jnp.stack([HISTORY[2], HISTORY[0], HISTORY[0], others[1]])
   users = jnp.array([USERS[2], 17, USERS[0], 4], jnp.int32)
@@ -235,7 +236,7 @@ def test_sampler_ignores_offset_noise(bundle):
   outputs = []
   for config in configs:
     config.sample.update(dict(sampler="one_step", seeds=3))
-    model = train.init_model(config, NUM_ITEMS)
+    model = train_state.init_model(config, NUM_ITEMS)
     chex.assert_trees_all_equal(model.params, bundle.params)
     scorer = sample.make_scorer(config)
     # The scorer is diffusion_log_probs with the config's sampling options bound; calling the

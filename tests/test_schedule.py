@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffurec_jax import schedule as sch
+from diffurec_jax import diffusion as sch
 
 STEPS = (1, 4, 32, 1000)
 # The linear schedules scale their betas with 1000 / T, so 2 <= T <= 20 puts betas above 1.

@@ -20,13 +20,13 @@ import pytest
 # K = 32, DDIM again, the user subset) reuse the curve's compiled steps.
 import helpers_train
 
-from diffurec_jax import checkpoint
+from diffurec_jax.training import checkpoints as checkpoint
 from diffurec_jax import data as data_lib
 from diffurec_jax import evaluate
-from diffurec_jax import infer
+from diffurec_jax import serve as infer
 from diffurec_jax import sharding
-from diffurec_jax import steps_curve as steps_curve_lib
-from diffurec_jax import train
+from diffurec_jax.lab import steps_curve as steps_curve_lib
+from diffurec_jax.training import loop as train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 KS = (1, 2, 32)

@@ -6,8 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffurec_jax import batches, config as config_lib, model as model_lib
-from diffurec_jax import schedule as schedule_lib, train
+from diffurec_jax import config as config_lib
+from diffurec_jax.data import batches
+from diffurec_jax.models import diffurec as model_lib
+from diffurec_jax import diffusion as schedule_lib
+from diffurec_jax.training import state as train_state
+from diffurec_jax.training import optimizer as optimizer_lib
 from diffurec_jax.data import splits
 
 NUM_ITEMS = 30
@@ -38,10 +42,10 @@ def test_train_step_traces_once_per_shape():
   counted = chex.assert_max_traces(
       lambda params, graphdef, batch, rng, schedule: model_lib.diffusion_loss(
           params, graphdef, batch, rng, schedule, noise), n=2)
-  bundle = train.init_model(config, NUM_ITEMS)
-  tx = train.make_optimizer(config.train, 10)
-  state = train.TrainState(bundle.params, tx.init(bundle.params), jnp.zeros((), jnp.int32))
-  step = train.make_train_step(counted, bundle.graphdef, tx)
+  bundle = train_state.init_model(config, NUM_ITEMS)
+  tx = optimizer_lib.make_optimizer(config.train, 10)
+  state = train_state.TrainState(bundle.params, tx.init(bundle.params), jnp.zeros((), jnp.int32))
+  step = train_state.make_train_step(counted, bundle.graphdef, tx)
   schedule = schedule_lib.make_schedule("trunc_lin", 32)
   key = jax.random.key(0)
   plans = [batches.Plan(length, np.arange(4) + 4 * k) for k, length in enumerate((4, 4, 8, 8, 4))]

@@ -16,8 +16,8 @@ import pytest
 import helpers_train as helpers
 from helpers_train import trained_run, trained_workdir  # noqa: F401  (fixtures)
 
-from diffurec_jax import interrupt
-from diffurec_jax import train
+from diffurec_jax.training import interrupt
+from diffurec_jax.training import loop as train
 
 
 # The end-to-end run -------------------------------------------------------------------------

@@ -12,11 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffurec_jax import attention
+from diffurec_jax.models import attention
 from diffurec_jax import config as config_lib
-from diffurec_jax import layers
-from diffurec_jax import model as model_lib
-from diffurec_jax import train
+from diffurec_jax.models import layers
+from diffurec_jax.models import diffurec as model_lib
+from diffurec_jax.training import loop as train
+from diffurec_jax.training import state as train_state
 from tiny_model import HISTORY, NUM_ITEMS
 from flax import nnx
 
@@ -60,7 +61,7 @@ def test_dropout_sites_of_one_training_forward(presets, block_output_dropout, ex
   config = config_lib.apply_presets(config_lib.base_config(), presets)
   config.data.max_len = HISTORY.shape[1]
   config.model.update(hidden=16, num_heads=2, block_output_dropout=block_output_dropout)
-  bundle = train.init_model(config, NUM_ITEMS)
+  bundle = train_state.init_model(config, NUM_ITEMS)
   calls, real = [], attention.dropout
 
   def counting(x, rate, key):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from diffurec_jax import config as config_lib
-from diffurec_jax import workdir as workdir_lib
+from diffurec_jax.training import workdir as workdir_lib
 
 
 def toys_config(presets="diffurec"):

@@ -92,8 +92,9 @@ def reconstruct_targets(workdir: str, max_users: int = 500, seed: int = 0):
   import jax
 
   from diffurec_jax import data as data_lib
-  from diffurec_jax import infer, sample
-  from diffurec_jax import model as model_lib
+  from diffurec_jax import serve as infer
+  from diffurec_jax import samplers as sample
+  from diffurec_jax.models import bundle as bundle_lib
   from diffurec_jax.data import splits
   loaded = infer.load(workdir)
   config = loaded.config
@@ -107,7 +108,7 @@ def reconstruct_targets(workdir: str, max_users: int = 500, seed: int = 0):
 
   @jax.jit
   def chains(bundle, history, users, key, schedule):
-    model = model_lib.merge(bundle)
+    model = bundle_lib.merge(bundle)
     e, key_mask = model.embed_history(history)
     seed_key = jax.random.fold_in(key, 0)  # Ensemble member 0, as in evaluation.
     user_keys = jax.vmap(lambda user: jax.random.fold_in(seed_key, user))(users)

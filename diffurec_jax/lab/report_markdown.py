@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 
-from diffurec_jax import analysis
+from diffurec_jax.lab import analysis
 
 
 def number(value, digits: int = 4) -> str:

@@ -22,13 +22,13 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from diffurec_jax import batches as batches_lib
-from diffurec_jax import checkpoint as checkpoint_lib
+from diffurec_jax.data import batches as batches_lib
+from diffurec_jax.training import checkpoints as checkpoint_lib
 from diffurec_jax import data as data_lib
 from diffurec_jax import evaluate as evaluate_lib
-from diffurec_jax import infer
+from diffurec_jax import serve as infer
 from diffurec_jax import metrics
-from diffurec_jax import sample
+from diffurec_jax import samplers as sample
 from diffurec_jax import sharding
 from diffurec_jax.data import splits
 

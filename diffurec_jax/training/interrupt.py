@@ -17,7 +17,7 @@ import threading
 
 import orbax.checkpoint as ocp
 
-from diffurec_jax import checkpoint as checkpoint_lib
+from diffurec_jax.training import checkpoints as checkpoint_lib
 
 EXIT_STATUS = 130  # 128 + SIGINT, what shells report for Ctrl-C.
 

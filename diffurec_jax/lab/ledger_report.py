@@ -16,8 +16,8 @@ import statistics
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from diffurec_jax import ledger as ledger_lib
-from diffurec_jax import report as report_lib
+from diffurec_jax.lab import ledger as ledger_lib
+from diffurec_jax.lab import report as report_lib
 
 HEADLINE = ("hit@10", "ndcg@10")
 ALL_METRICS = ("hit@5", "hit@10", "hit@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr@10")

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffurec_jax import layers
+from diffurec_jax.models import layers
 
 _MASKED = -1e9
 # Cross-attention forms: scaled dot product (ours), linear with keys normalised over the sequence

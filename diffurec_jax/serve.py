@@ -21,14 +21,15 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
-from diffurec_jax import batches as batches_lib
-from diffurec_jax import checkpoint as checkpoint_lib
+from diffurec_jax.data import batches as batches_lib
+from diffurec_jax.training import checkpoints as checkpoint_lib
 from diffurec_jax import evaluate as evaluate_lib
-from diffurec_jax import model as model_lib
-from diffurec_jax import sample
+from diffurec_jax.models import bundle as bundle_lib
+from diffurec_jax import samplers as sample
 from diffurec_jax import sharding
-from diffurec_jax import train as train_lib
-from diffurec_jax import workdir as workdir_lib
+from diffurec_jax.training import state as train_state
+from diffurec_jax.training import optimizer as optimizer_lib
+from diffurec_jax.training import workdir as workdir_lib
 from diffurec_jax.data import splits
 
 
@@ -39,7 +40,7 @@ class InputError(Exception):
 @dataclasses.dataclass
 class Loaded:
   config: object
-  bundle: model_lib.Bundle
+  bundle: bundle_lib.Bundle
   user_ids: np.ndarray
   item_ids: np.ndarray
   epoch: int
@@ -55,19 +56,19 @@ def load(workdir: str, *, seeds: int = 0, steps: int = 0, sampler: str = "") -> 
   if sampler:
     config.sample.sampler = sampler
   user_ids, item_ids = workdir_lib.load_id_map(workdir)
-  bundle = train_lib.init_model(config, len(item_ids) - 1)
+  bundle = train_state.init_model(config, len(item_ids) - 1)
   checkpoints = checkpoint_lib.Checkpoints(workdir)
   try:
     if checkpoints.best.latest_step() is None:
       raise checkpoint_lib.CheckpointError(
           f"{workdir} has no validated checkpoint under {checkpoints.directory}/best; train it "
           "first with bin/train.py.")
-    tx = train_lib.make_optimizer(config.train, 1)
-    target = train_lib.TrainState(bundle.params, tx.init(bundle.params), jnp.zeros((), jnp.int32))
+    tx = optimizer_lib.make_optimizer(config.train, 1)
+    target = train_state.TrainState(bundle.params, tx.init(bundle.params), jnp.zeros((), jnp.int32))
     state, meta = checkpoints.restore("best", target)
   finally:
     checkpoints.close()
-  return Loaded(config, model_lib.Bundle(bundle.graphdef, state.params), user_ids, item_ids,
+  return Loaded(config, bundle_lib.Bundle(bundle.graphdef, state.params), user_ids, item_ids,
                 meta["best_epoch"])
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
-from diffurec_jax import workdir as workdir_lib
+from diffurec_jax.training import workdir as workdir_lib
 
 VALID_METRICS = ("ndcg@10", "hit@10")
 

@@ -14,7 +14,9 @@ import warnings
 import numpy as np
 from scipy import stats
 
-RESULT_KEYS = ("hit@5", "hit@10", "hit@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr@10")
+from diffurec_jax import metrics
+
+RESULT_KEYS = metrics.RESULT_KEYS
 GROUP_KEYS = ("hit@10", "ndcg@10")
 HEAD_FRACTION = 0.2  # The most frequent 20% of items are "head" (DiffuRecSys Section 6.5).
 NUM_LENGTH_GROUPS = 5  # Quintiles of history length (DiffuRecSys Section 6.5).

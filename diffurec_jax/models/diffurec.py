@@ -3,9 +3,8 @@
 Shapes: history [B, L] int32 (left-padded, 0 = padding, last column = most recent item),
 x_t [B, H], t [B] int32 (original training timestep), targets [B] int32, weights [B] float.
 
-The functional boundary: `Bundle(graphdef, params)` is a pytree whose graphdef is static,
-so `denoise(bundle, ...)`, `diffusion_loss(...)` and the samplers are pure functions that
-`nnx.merge` inside `jax.jit`, `vmap` and `lax.scan` without retracing.
+The functions here take a `Bundle(graphdef, params)` (models/bundle.py), so they are pure
+and `merge` the module inside `jax.jit`, `vmap` and `lax.scan` without retracing.
 
   e     = LayerNorm(Dropout_0.3(E[history] + P[recency]))    (positions optional)
   d_t   = MLP(sinusoidal(t * 1000 / T))
@@ -16,30 +15,17 @@ so `denoise(bundle, ...)`, `diffusion_loss(...)` and the samplers are pure funct
 
 from __future__ import annotations
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from diffurec_jax import approximator as approximator_lib
-from diffurec_jax import attention, layers, mixing, schedule as schedule_lib
-
-
-@flax.struct.dataclass
-class Bundle:
-  """A model as a pytree: static graph definition + parameter state."""
-  graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
-  params: nnx.State
-
-
-def split(module: nnx.Module) -> Bundle:
-  graphdef, params = nnx.split(module)
-  return Bundle(graphdef, params)
-
-
-def merge(bundle: Bundle) -> nnx.Module:
-  return nnx.merge(bundle.graphdef, bundle.params)
+from diffurec_jax.models import approximator as approximator_lib
+from diffurec_jax.models import attention
+from diffurec_jax.models import bundle as bundle_lib
+from diffurec_jax.models import layers
+from diffurec_jax.models import mixing
+from diffurec_jax import diffusion as schedule_lib
 
 
 def recency_positions(length: int) -> jax.Array:
@@ -114,14 +100,14 @@ class DiffuRec(nnx.Module):
     return out[:, -1]
 
 
-def item_table(bundle: Bundle) -> jax.Array:
+def item_table(bundle: bundle_lib.Bundle) -> jax.Array:
   """[N+1, H] item embedding table (row 0 = padding)."""
   return bundle.params["item_embedding"][...]
 
 
-def score_scale(bundle: Bundle) -> float:
+def score_scale(bundle: bundle_lib.Bundle) -> float:
   """The static logit multiplier of `bundle`'s model (1.0 = the papers' plain dot product)."""
-  return getattr(merge(bundle), "score_scale", 1.0)
+  return getattr(bundle_lib.merge(bundle), "score_scale", 1.0)
 
 
 def score(x0, table, scale: float = 1.0, *, keep_padding: bool = False) -> jax.Array:
@@ -137,9 +123,9 @@ def score(x0, table, scale: float = 1.0, *, keep_padding: bool = False) -> jax.A
   return scores if keep_padding else scores.at[..., 0].set(-jnp.inf)
 
 
-def denoise(bundle: Bundle, history, x_t, t, rng, train: bool = False):
+def denoise(bundle: bundle_lib.Bundle, history, x_t, t, rng, train: bool = False):
   """x0_hat [B, H] = f_theta(history, x_t, t); dropout only when `train`."""
-  model = merge(bundle)
+  model = bundle_lib.merge(bundle)
   lambda_key, embed_key, block_key = jax.random.split(rng, 3)
   e, key_mask = model.embed_history(history, embed_key if train else None)
   lambdas = model.draw_lambdas(lambda_key, e.shape)
@@ -163,7 +149,7 @@ def diffusion_loss(params, graphdef, batch, rng, schedule, noise_config):
 
   `noise_config` = (mode, delta_c, scale) for the offset noise of the forward process.
   """
-  bundle = Bundle(graphdef, params)
+  bundle = bundle_lib.Bundle(graphdef, params)
   t_key, noise_key, model_key = jax.random.split(rng, 3)
   targets = batch["targets"]
   batch_size = targets.shape[0]
@@ -174,6 +160,6 @@ def diffusion_loss(params, graphdef, batch, rng, schedule, noise_config):
   eps = schedule_lib.training_noise(noise_key, x0.shape, mode, delta_c, scale)
   x_t = schedule_lib.q_sample(schedule, x0, t, eps)
   x0_hat = denoise(bundle, batch["history"], x_t, schedule.timesteps[t], model_key, train=True)
-  model = merge(bundle)
+  model = bundle_lib.merge(bundle)
   logits = score(x0_hat, table, model.score_scale, keep_padding=model.loss_padding_column)
   return weighted_cross_entropy(logits, targets, batch["weights"])

@@ -176,8 +176,9 @@ def reevaluate(source: str, workdir: str, steps: int, *, progress: bool = True) 
   ordinary finished workdir (config.json, metrics.jsonl test line, results.json, ranks)."""
   from diffurec_jax import data as data_lib
   from diffurec_jax import evaluate as evaluate_lib
-  from diffurec_jax import infer, sharding
-  from diffurec_jax import workdir as workdir_lib
+  from diffurec_jax import sharding
+  from diffurec_jax import serve as infer
+  from diffurec_jax.training import workdir as workdir_lib
   finished = workdir_lib.read_json(workdir, "results.json")
   if finished is not None:
     print(f"{workdir}: re-evaluation already finished; results in {workdir}/results.json")
@@ -206,7 +207,7 @@ def reevaluate(source: str, workdir: str, steps: int, *, progress: bool = True) 
 def run_grid(module, variants: list[Variant], preset_arg: str, overrides: dict, seeds: int,
              workdir: str, *, progress: bool = True) -> dict:
   """Trains (or re-evaluates) every run; {variant name: [results.json of seed 0..]}."""
-  from diffurec_jax import train
+  from diffurec_jax.training import loop as train
   order = [v for v in variants if v.trains] + [v for v in variants if not v.trains]
   total, done = len(order) * seeds, 0
   results = {variant.name: [None] * seeds for variant in variants}
@@ -230,7 +231,7 @@ def run_experiment(config_path: str, preset_arg: str, overrides: dict, variants,
   """Runs the grid of `variants` x `seeds` into `workdir`, writes report.md, report.json and
   figures/, and returns the report dict. `overrides` = {'model.hidden': 16, ...}; every
   variant is t-tested against each of `baselines` (default: diffurec and sasrec, where run)."""
-  from diffurec_jax import report as report_lib
+  from diffurec_jax.lab import report as report_lib
   from diffurec_jax import sharding
   if int(seeds) < 1:
     raise ValueError(f"--seeds={seeds} must be at least 1.")

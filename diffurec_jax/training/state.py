@@ -13,11 +13,12 @@ import jax
 import optax
 from flax import nnx
 
-from diffurec_jax import accumulate
-from diffurec_jax import batches as batches_lib
+from diffurec_jax.training import accumulate
+from diffurec_jax.data import batches as batches_lib
 from diffurec_jax import config as config_lib
-from diffurec_jax import model as model_lib
-from diffurec_jax import sasrec as sasrec_lib
+from diffurec_jax.models import bundle as bundle_lib
+from diffurec_jax.models import diffurec as model_lib
+from diffurec_jax.models import sasrec as sasrec_lib
 from diffurec_jax.data import splits
 
 
@@ -28,13 +29,13 @@ class TrainState:
   step: jax.Array
 
 
-def init_model(config, num_items: int) -> model_lib.Bundle:
+def init_model(config, num_items: int) -> bundle_lib.Bundle:
   """Fresh parameters for the configured variant, seeded by config.seed."""
   if config.variant not in config_lib.VARIANTS:
     raise ValueError(f"variant={config.variant!r}; use one of {config_lib.VARIANTS}.")
   rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(config.seed), 0))
   module_class = sasrec_lib.SASRec if config.variant == "sasrec" else model_lib.DiffuRec
-  return model_lib.split(module_class(num_items, config.data.max_len, config.model, rngs=rngs))
+  return bundle_lib.split(module_class(num_items, config.data.max_len, config.model, rngs=rngs))
 
 
 def training_setup(config, dataset):

@@ -16,8 +16,9 @@ import platform
 
 import numpy as np
 
-from diffurec_jax import analysis, figures
-from diffurec_jax import workdir as workdir_lib
+from diffurec_jax.lab import analysis
+from diffurec_jax.lab import figures
+from diffurec_jax.training import workdir as workdir_lib
 
 PUBLISHED_LABELS = {
     "diffurec": "DiffuRec (TOIS 2023)",
@@ -266,7 +267,7 @@ def tsne(runs: dict, workdir: str, path: str) -> dict | None:
 def build_report(workdir: str, variants: list[str], seeds: int, command: str,
                  baselines=DEFAULT_BASELINES) -> dict:
   """Every number of the report, from the finished runs of the grid; also draws the figures."""
-  from diffurec_jax import experiment
+  from diffurec_jax.lab import experiment
   runs = {name: [read_run(experiment.run_dir(workdir, name, seed)) for seed in range(seeds)]
           for name in variants}
   first = runs[variants[0]][0]["results"]
@@ -311,7 +312,7 @@ def write_report(workdir: str, variants: list[str], seeds: int, *, command: str,
 
   `baselines`: the variants every other one is t-tested against (those in the grid).
   """
-  from diffurec_jax import report_markdown
+  from diffurec_jax.lab import report_markdown
   report = build_report(workdir, variants, seeds, command, tuple(baselines))
   workdir_lib.write_json(workdir, "report.json", report)
   with open(os.path.join(workdir, "report.md"), "w") as f:

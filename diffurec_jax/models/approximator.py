@@ -25,11 +25,10 @@ the last position alone: x0_hat is read there, so the result is identical and ch
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from diffurec_jax import attention
-from diffurec_jax import layers
+from diffurec_jax.models import attention
+from diffurec_jax.models import layers
 
 
 class FeedForward(nnx.Module):

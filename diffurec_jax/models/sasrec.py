@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from diffurec_jax import approximator as approximator_lib
-from diffurec_jax import attention
-from diffurec_jax import layers
-from diffurec_jax import model as model_lib
+from diffurec_jax.models import approximator as approximator_lib
+from diffurec_jax.models import attention
+from diffurec_jax.models import layers
+from diffurec_jax.models import bundle as bundle_lib
+from diffurec_jax.models import diffurec as model_lib
 
 
 class SASRec(nnx.Module):
@@ -48,8 +49,8 @@ class SASRec(nnx.Module):
 
 def sequence_loss(params, graphdef, batch, rng):
   """CE at every position: batch {history [B, L], next_items [B, L], weights [B]}."""
-  bundle = model_lib.Bundle(graphdef, params)
-  hidden = model_lib.merge(bundle)(batch["history"], last_only=False, key=rng)
+  bundle = bundle_lib.Bundle(graphdef, params)
+  hidden = bundle_lib.merge(bundle)(batch["history"], last_only=False, key=rng)
   logits = model_lib.score(hidden, model_lib.item_table(bundle))
   targets = batch["next_items"]
   valid = (targets > 0) * batch["weights"][:, None]
@@ -65,4 +66,4 @@ def sequence_loss_weight(batch) -> jax.Array:
 
 def last_hidden(bundle, history):
   """Evaluation: [B, H] representation of the next item."""
-  return model_lib.merge(bundle)(history, last_only=True)[:, -1]
+  return bundle_lib.merge(bundle)(history, last_only=True)[:, -1]

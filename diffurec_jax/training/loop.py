@@ -24,24 +24,25 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from diffurec_jax import batches as batches_lib
-from diffurec_jax import checkpoint as checkpoint_lib
+from diffurec_jax.data import batches as batches_lib
+from diffurec_jax.training import checkpoints as checkpoint_lib
 from diffurec_jax import config_check
 from diffurec_jax import data as data_lib
 from diffurec_jax import evaluate as evaluate_lib
-from diffurec_jax import interrupt as interrupt_lib
-from diffurec_jax import learning_curve
-from diffurec_jax import model as model_lib
-from diffurec_jax.optimizer import make_optimizer
-from diffurec_jax.train_step import (TrainState, init_model, loss_weight_fn, make_train_step,  # noqa: F401
-                                    step_options, training_setup)
-from diffurec_jax import progress as progress_lib
-from diffurec_jax import schedule as schedule_lib
+from diffurec_jax.training import interrupt as interrupt_lib
+from diffurec_jax.lab import learning_curve
+from diffurec_jax.models import bundle as bundle_lib
+from diffurec_jax.training.optimizer import make_optimizer
+from diffurec_jax.training.state import (TrainState, init_model, make_train_step, step_options,
+                                         training_setup)
+from diffurec_jax.training import progress as progress_lib
+from diffurec_jax import diffusion as schedule_lib
+from diffurec_jax import metrics
 from diffurec_jax import sharding
-from diffurec_jax import tensorboard as tensorboard_lib
-from diffurec_jax import workdir as workdir_lib
+from diffurec_jax.training import tensorboard as tensorboard_lib
+from diffurec_jax.training import workdir as workdir_lib
 
-RESULT_KEYS = ("hit@5", "hit@10", "hit@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr@10")
+RESULT_KEYS = metrics.RESULT_KEYS
 
 
 def _check_finite(losses, first_step: int, epoch: int, checkpoints):
@@ -247,7 +248,7 @@ def _train(config, workdir, main, interrupts, status, stop_after_epochs, stop_af
     if interrupts.requested:
       interrupted_before_saving()
     if validated(epoch):
-      bundle = model_lib.Bundle(bundle.graphdef, state.params)
+      bundle = bundle_lib.Bundle(bundle.graphdef, state.params)
       users = config.train.valid_users or dataset.num_users
       say(f"validating epoch {epoch} on {min(users, dataset.num_users)} users")
       try:
@@ -333,7 +334,7 @@ def _test_best(config, workdir, bundle, state, dataset, mesh, eval_step, checkpo
         f"No validated checkpoint in {checkpoints.directory}/best; set train.eval_every so at "
         "least one validation runs.")
   state, best_meta = checkpoints.restore("best", state)
-  best = model_lib.Bundle(bundle.graphdef, state.params)
+  best = bundle_lib.Bundle(bundle.graphdef, state.params)
   valid = _valid_record(log, best_meta["best_epoch"])
   test, per_user = evaluate_lib.evaluate_split(best, dataset, "test", config, mesh, eval_step,
                                                progress=progress)

@@ -22,9 +22,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from diffurec_jax import model as model_lib
-from diffurec_jax import sasrec as sasrec_lib
-from diffurec_jax import schedule as schedule_lib
+from diffurec_jax.models import bundle as bundle_lib
+from diffurec_jax.models import diffurec as model_lib
+from diffurec_jax.models import sasrec as sasrec_lib
+from diffurec_jax import diffusion as schedule_lib
 
 SAMPLERS = ("reverse", "ddim", "one_step")
 
@@ -90,7 +91,7 @@ def diffusion_log_probs(bundle, history, users, key, schedule, *, sampler="rever
   """history [B, L], users [B] int32 -> log item probabilities [B, N+1]."""
   if sampler not in SAMPLERS:
     raise ValueError(f"sample.sampler={sampler!r}; use one of {SAMPLERS}.")
-  model = model_lib.merge(bundle)
+  model = bundle_lib.merge(bundle)
   e, key_mask = model.embed_history(history)
 
   def chain(seed):

@@ -10,7 +10,6 @@ every call (every training step and every reverse step).
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 MIXINGS = ("add", "cross_attention")
 
