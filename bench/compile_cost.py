@@ -18,20 +18,14 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from diffurec_jax.data import batches as batches_lib
 from diffurec_jax import data as data_lib
 from diffurec_jax import evaluate as evaluate_lib
-from diffurec_jax import samplers as sample
-from diffurec_jax import diffusion as schedule_lib
 from diffurec_jax import sharding
 from diffurec_jax.training import state as train_state
-from diffurec_jax.training import optimizer as optimizer_lib
-from diffurec_jax.data import splits
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/beauty.py:diffurec", "Config.")
 _PARTS = flags.DEFINE_list("parts", ["train", "eval", "eval4"], "Functions to compile.")
@@ -77,35 +71,22 @@ def one_cell(config, part: str, length: int) -> dict:
   """Compile `part` at bucket `length` in this process."""
   mesh = sharding.make_mesh()
   dataset = data_lib.prepare(config.data)
-  bundle = train_state.init_model(config, dataset.num_items)
   key = jax.random.key(0)
-  lengths = batches_lib.bucket_lengths(config.data.max_len, evaluate_lib.bucket_config(config))
   if part == "train":
-    examples, loss_fn, next_items = train_state.training_setup(config, dataset)
-    history_lengths = (examples.ends - examples.starts).astype(np.int64)
-    plans = batches_lib.epoch_plan(history_lengths, config.train.batch_size, lengths, 0, 1)
-    plan = next(p for p in plans if p.length == length)
-    tx = optimizer_lib.make_optimizer(config.train, len(plans))
-    state = sharding.replicate(
-        train_state.TrainState(bundle.params, tx.init(bundle.params), jnp.zeros((), jnp.int32)),
-        mesh)
-    step = train_state.make_train_step(loss_fn, bundle.graphdef, tx,
-                                     **train_state.step_options(config))
-    schedule = schedule_lib.make_schedule(config.model.schedule, config.model.diffusion_steps)
-    batch = sharding.shard_batch(
-        batches_lib.build(plan, examples, dataset.items, next_items=next_items), mesh)
-    return _compile(step, state, batch, key, schedule)
+    run = train_state.build_run(config, dataset, mesh)
+    plan = next(p for p in run.epoch_plan(1) if p.length == length)
+    state = sharding.replicate(run.initial_state(), mesh)
+    return _compile(run.train_step, state, run.batch(plan), key, run.schedule)
   config = config.copy_and_resolve_references()
   config.train.eval_batch_size = _EVAL_BATCH.value
   if part == "eval4":
     config.sample.seeds = 4
-  examples = splits.eval_examples(dataset, "test")
-  plans = batches_lib.eval_plan((examples.ends - examples.starts).astype(np.int64),
-                                config.train.eval_batch_size, lengths)
-  plan = next(p for p in plans if p.length == length)
-  batch = sharding.shard_batch(batches_lib.build(plan, examples, dataset.items), mesh)
-  step = evaluate_lib.make_eval_step(config)
-  return _compile(step, bundle, batch, key, sample.sampling_schedule(config))
+  evaluator = evaluate_lib.Evaluator(config, dataset, mesh)
+  examples = evaluator.examples("test")
+  plan = next(p for p in evaluator.plans(examples) if p.length == length)
+  bundle = train_state.init_model(config, dataset.num_items)
+  return _compile(evaluator.step, bundle, evaluator.batch(plan, examples), key,
+                  evaluator.schedule)
 
 
 def _child(part: str, length: int) -> dict:
@@ -124,7 +105,7 @@ def main(argv):
   if _PART.value:
     print(json.dumps(one_cell(config, _PART.value, _LENGTH.value)), flush=True)
     return
-  lengths = batches_lib.bucket_lengths(config.data.max_len, evaluate_lib.bucket_config(config))
+  lengths = batches_lib.padded_lengths(config)
   rows = []
   for part in _PARTS.value:
     for length in lengths:

@@ -27,7 +27,7 @@ import numpy as np
 from diffurec_jax import config as config_lib
 from diffurec_jax.models import bundle as bundle_lib
 from diffurec_jax.models import diffurec as model_lib
-from diffurec_jax import diffusion as schedule_lib
+from diffurec_jax import diffusion
 from diffurec_jax.training import state as train_state
 
 import parity_training  # bench/: the training-mode checks and shared helpers
@@ -156,7 +156,7 @@ def make_inputs(args, config, rng):
 def ours(config, bundle, inputs):
   """Every compared quantity from our library, in evaluation mode."""
   model = bundle_lib.merge(bundle)
-  schedule = schedule_lib.make_schedule(config.model.schedule, config.model.diffusion_steps)
+  schedule = diffusion.make_schedule(config.model.schedule, config.model.diffusion_steps)
   history = jnp.asarray(inputs["history"])
   e, key_mask = model.embed_history(history)
   x_t, t = jnp.asarray(inputs["x_t"]), jnp.asarray(inputs["t"])
@@ -167,15 +167,15 @@ def ours(config, bundle, inputs):
   targets = jnp.asarray(inputs["targets"])
   loss = model_lib.weighted_cross_entropy(loss_logits, targets, jnp.ones(targets.shape))
   x0 = table[targets]
-  q = schedule_lib.q_sample(schedule, x0, t, jnp.asarray(inputs["chain_noise"][0]))
-  one = schedule_lib.reverse_step(schedule, x0_hat, x_t, t, jnp.asarray(inputs["chain_noise"][0]),
+  q = diffusion.q_sample(schedule, x0, t, jnp.asarray(inputs["chain_noise"][0]))
+  one = diffusion.reverse_step(schedule, x0_hat, x_t, t, jnp.asarray(inputs["chain_noise"][0]),
                                   config.model.reverse_variance)
   x = jnp.asarray(inputs["x_start"])
   steps = config.model.diffusion_steps
   for index, step in enumerate(range(steps - 1, -1, -1)):
     t_step = jnp.full((x.shape[0],), step, jnp.int32)
     x_hat = model.approximate(e, key_mask, x, t_step, jnp.asarray(inputs["chain_lambdas"][index]))
-    x = schedule_lib.reverse_step(schedule, x_hat, x, t_step,
+    x = diffusion.reverse_step(schedule, x_hat, x, t_step,
                                   jnp.asarray(inputs["chain_noise"][index]),
                                   config.model.reverse_variance)
   chain_scores = model_lib.score(x, table, keep_padding=True)

@@ -26,7 +26,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -34,12 +33,8 @@ from diffurec_jax.data import batches as batches_lib
 from diffurec_jax import data as data_lib
 from diffurec_jax import evaluate as evaluate_lib
 from diffurec_jax.models import bundle as bundle_lib
-from diffurec_jax import samplers as sample
-from diffurec_jax import diffusion as schedule_lib
 from diffurec_jax import sharding
 from diffurec_jax.training import state as train_state
-from diffurec_jax.training import optimizer as optimizer_lib
-from diffurec_jax.data import splits
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/beauty.py:diffurec", "Config.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Training steps per repeat.")
@@ -94,20 +89,12 @@ def step_flops(jitted, *args) -> float:
 
 def train_throughput(config, dataset, mesh, steps, repeats):
   """(examples/s median, compile seconds, bundle, GFLOP/s achieved) over real batches."""
-  examples, loss_fn, next_items = train_state.training_setup(config, dataset)
-  lengths = batches_lib.bucket_lengths(config.data.max_len, evaluate_lib.bucket_config(config))
-  history_lengths = (examples.ends - examples.starts).astype(np.int64)
-  plans = batches_lib.epoch_plan(history_lengths, config.train.batch_size, lengths, 0, 1)
-  tx = optimizer_lib.make_optimizer(config.train, len(plans))
-  bundle = train_state.init_model(config, dataset.num_items)
-  state = sharding.replicate(
-      train_state.TrainState(bundle.params, tx.init(bundle.params), jnp.zeros((), jnp.int32)), mesh)
-  step = train_state.make_train_step(loss_fn, bundle.graphdef, tx,
-                                   **train_state.step_options(config))
-  schedule = schedule_lib.make_schedule(config.model.schedule, config.model.diffusion_steps)
+  run = train_state.build_run(config, dataset, mesh)
+  plans = run.epoch_plan(1)
+  bundle, step, schedule = run.bundle, run.train_step, run.schedule
+  state = sharding.replicate(run.initial_state(), mesh)
   key = jax.random.key(0)
-  build = lambda plan: sharding.shard_batch(
-      batches_lib.build(plan, examples, dataset.items, next_items=next_items), mesh)
+  build = run.batch
   compile_s, seen = 0.0, set()
   for plan in plans:
     if plan.length not in seen:
@@ -141,19 +128,10 @@ def infer_throughput(config, dataset, mesh, bundle, num_users, repeats):
   Batches are built and placed before the clock starts; compile_s is the first call of each
   batch shape (cold unless a persistent compilation cache is configured).
   """
-  examples = splits.eval_examples(dataset, "test")
-  chosen = np.sort(np.random.default_rng(0).choice(len(examples.users), num_users,
-                                                   replace=False))
-  subset = splits.Examples(users=examples.users[chosen], starts=examples.starts[chosen],
-                           ends=examples.ends[chosen], targets=examples.targets[chosen])
-  lengths = batches_lib.bucket_lengths(config.data.max_len, evaluate_lib.bucket_config(config))
-  plans = batches_lib.eval_plan((subset.ends - subset.starts).astype(np.int64),
-                                config.train.eval_batch_size, lengths)
-  step = evaluate_lib.make_eval_step(config)
-  schedule = sample.sampling_schedule(config)
-  key = jax.random.key(0)
-  batches = [sharding.shard_batch(batches_lib.build(plan, subset, dataset.items), mesh)
-             for plan in plans]
+  evaluator = evaluate_lib.Evaluator(config, dataset, mesh)
+  subset = evaluator.examples("test", num_users, subset_seed=0)
+  step, schedule, key = evaluator.step, evaluator.schedule, jax.random.key(0)
+  batches = [batch for _, batch in evaluator.batches(subset)]
   first_of_shape = {b["history"].shape: b for b in reversed(batches)}.values()
   compile_s = sum(_time(lambda b=b: step(bundle, b, key, schedule)) for b in first_of_shape)
   seconds = [_time(lambda: [step(bundle, b, key, schedule) for b in batches])
@@ -190,7 +168,7 @@ def _header(config) -> dict:
           "hidden": config.model.hidden, "num_blocks": config.model.num_blocks,
           "diffusion_steps": config.model.diffusion_steps,
           "sample_steps": config.sample.steps or config.model.diffusion_steps,
-          "length_buckets": list(evaluate_lib.bucket_config(config))}
+          "length_buckets": list(batches_lib.bucket_config(config))}
 
 
 def _peak_rss_mb() -> float:

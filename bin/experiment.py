@@ -21,7 +21,7 @@ _VARIANTS = flags.DEFINE_list("variants", "diffurec,v1,v2,sasrec",
                               "Variants to run, e.g. diffurec,v2,sasrec,lambda0,steps1.")
 _BASELINES = flags.DEFINE_list(
     "baselines", [],
-    "Variants every other one is paired-t-tested against, e.g. diffurec+smallinit,sasrec "
+    "Variants every other one is paired-t-tested against, e.g. diffurec+lambda0,sasrec "
     "(default: diffurec and sasrec, where in the grid).")
 _SEEDS = flags.DEFINE_integer("seeds", 2, "Seeds per variant (run k uses config.seed = k).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the grid and its report.")

@@ -34,28 +34,29 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
   del argv
   cli.setup()
-  from diffurec_jax import serve as infer
+  from diffurec_jax import evaluate
+  from diffurec_jax import serve
 
   def run():
     if _INPUT.value and not _OUTPUT.value:
-      raise infer.InputError("--input needs --output (a .csv, .tsv or .parquet path).")
+      raise serve.InputError("--input needs --output (a .csv, .tsv or .parquet path).")
     if _INPUT.value and _TOPK.value < 1:
-      infer.check_topk(_TOPK.value, 1)  # Before loading anything.
-    loaded = infer.load(_WORKDIR.value, seeds=_SEEDS.value, steps=_STEPS.value,
-                        sampler=_SAMPLER.value)
+      serve.check_topk(_TOPK.value, 1)  # Before loading anything.
+    overrides = dict(seeds=_SEEDS.value, steps=_STEPS.value, sampler=_SAMPLER.value)
     if not _INPUT.value:
-      result = infer.evaluate_test(loaded)
+      result, _, loaded = evaluate.evaluate_workdir(_WORKDIR.value, "test", **overrides)
       result.update(split="test", best_epoch=loaded.epoch,
                     mask_history=bool(loaded.config.train.mask_history),
                     seeds=loaded.config.sample.seeds,
                     steps=loaded.config.sample.steps or loaded.config.model.diffusion_steps)
       print(json.dumps(result, sort_keys=True))
       return
-    users, sequences = infer.read_histories(_INPUT.value)
-    frame, counts = infer.recommend(loaded, users, sequences, topk=_TOPK.value,
+    loaded = evaluate.load(_WORKDIR.value, **overrides)
+    users, sequences = serve.read_histories(_INPUT.value)
+    frame, counts = serve.recommend(loaded, users, sequences, topk=_TOPK.value,
                                     batch_size=_BATCH.value,
                                     exclude_history=_EXCLUDE.value)
-    infer.write_recommendations(frame, _OUTPUT.value)
+    serve.write_recommendations(frame, _OUTPUT.value)
     if counts["unknown_items_skipped"] or counts["users_without_known_items"]:
       print(f"warning: skipped {counts['unknown_items_skipped']} unknown item(s); "
             f"{counts['users_without_known_items']} user(s) had no known item (error rows).",

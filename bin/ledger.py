@@ -38,6 +38,7 @@ def parse(argv):
 
 def main(argv=None):
   args = parse(argv)
+  from diffurec_jax import errors
   from diffurec_jax.lab import ledger
   from diffurec_jax.lab import ledger_report
   try:
@@ -46,14 +47,9 @@ def main(argv=None):
                               kind=args.kind, notes=args.notes, overwrite=args.overwrite)
       print(f"added {args.workdir} as {target}")
     elif args.command_name == "evaluate":
-      from diffurec_jax import data as data_lib
       from diffurec_jax import evaluate as evaluate_lib
-      from diffurec_jax import sharding
-      from diffurec_jax import serve as infer
-      loaded = infer.load(args.workdir, steps=args.steps, sampler=args.sampler)
-      dataset = data_lib.prepare(loaded.config.data)
-      metrics, _ = evaluate_lib.evaluate_split(loaded.bundle, dataset, args.split, loaded.config,
-                                               sharding.make_mesh())
+      metrics, _, loaded = evaluate_lib.evaluate_workdir(args.workdir, args.split,
+                                                         steps=args.steps, sampler=args.sampler)
       # The workdir is named WORKDIR: a report never prints a path of the machine it ran on.
       words = [("WORKDIR" if a == args.workdir else a) for a in (argv or sys.argv[1:])]
       command = "python bin/ledger.py " + " ".join(shlex.quote(a) for a in words)
@@ -65,7 +61,7 @@ def main(argv=None):
     else:
       out = ledger_report.write(args.root, args.out)
       print(f"wrote {out}")
-  except (ledger.LedgerError, FileNotFoundError, ValueError) as error:
+  except errors.UserError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
   return 0

@@ -2,14 +2,14 @@
 
 `run(main)` replaces `absl.app.run(main)`: `--help` prints the script's flags, the presets and
 every config field with its comment (exit 0); a bad flag, config override or preset is one
-`error:` line (exit 2). `run_guarded(function)` turns the library's user-facing exceptions
-into one `error:` line and exit 2, and an interrupt into one line and exit 130. `--verbose`
-(or DIFFUREC_TRACEBACK=1) shows the traceback instead.
+`error:` line (exit 2). `run_guarded(function)` turns the project's `errors.UserError`s into
+one `error:` line and exit 2, and an interrupt into one line and exit 130; any other
+exception is a bug and keeps its traceback. `--verbose` (or DIFFUREC_TRACEBACK=1) shows the
+traceback of a user error too.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import sys
@@ -17,9 +17,8 @@ import sys
 from absl import app
 from absl import flags
 
-# The exceptions that mean "bad input": one sentence on stderr, exit status 2.
-_USER_ERRORS = ("DataError", "WorkdirError", "CheckpointError", "InputError", "ConfigError",
-                "FloatingPointError", "ValueError", "PermissionError")
+from diffurec_jax import errors
+
 _HELP_ARGS = ("--help", "-h", "-?", "--helpshort", "-help")
 
 _VERBOSE = flags.DEFINE_bool("verbose", False,
@@ -65,8 +64,8 @@ def run_guarded(function):
       raise
     print("interrupted", file=sys.stderr, flush=True)
     sys.exit(interrupt.EXIT_STATUS)
-  except Exception as error:  # Re-raised unless it is one of the user-facing kinds.
-    if type(error).__name__ not in _USER_ERRORS or verbose():
+  except errors.UserError as error:
+    if verbose():
       raise
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
@@ -84,7 +83,7 @@ def _one_line(error: Exception) -> str:
   lines = [line.strip() for line in text.splitlines() if line.strip()]
   if "Traceback" in text:
     lines = lines[-1:]  # The config file's own error, not the stack.
-  line = re.sub(r"^\w+(Error|Exception): ", "", " ".join(lines))
+  line = re.sub(r"^[\w.]+(Error|Exception): ", "", " ".join(lines))
   if "Did you mean" in line:
     line = "no such config field " + line.replace(" Did you mean", "; did you mean")
   return line
@@ -105,7 +104,7 @@ def parse_flags(argv):
   except (flags.Error, KeyError, AttributeError, OSError, ValueError, TypeError) as error:
     if verbose() or "--verbose" in argv:
       raise
-    if type(error).__name__ == "ConfigError":
+    if isinstance(error, errors.UserError):
       print(f"error: {error}", file=sys.stderr)
     else:
       print(f"error: bad flag or config ({_one_line(error)}); see --help.", file=sys.stderr)
@@ -117,17 +116,6 @@ def run(main):
   app.run(main, flags_parser=parse_flags)
 
 
-PRESET_NOTES = {
-    "diffurec": "DiffuRec: additive mixing, batch 512, max_len 50 (the default variant)",
-    "v1": "DiffuRecSys V1: cross-attention mixing, batch 1024, max_len 100",
-    "v2": "DiffuRecSys V2: V1 + constant offset noise in training",
-    "sasrec": "SASRec with full cross-entropy (the baseline)",
-    "nopos": "ablation: no position embedding",
-    "lambda0": "ablation: lambda = 0 (no diffusion signal in the history)",
-    "steps1": "one reverse step at inference",
-}
-
-
 def _first_line(text: str | None) -> str:
   return (text or "").strip().splitlines()[0].rstrip(".") if (text or "").strip() else ""
 
@@ -136,27 +124,16 @@ def preset_lines() -> list[str]:
   from diffurec_jax import config as config_lib
   lines = []
   for name, function in config_lib.PRESETS.items():
-    note = PRESET_NOTES.get(name) or _first_line(function.__doc__)
+    note = _first_line(function.__doc__)
     lines.append(f"  {name:12s} {note}")
   return lines
 
 
-_FIELD = re.compile(r"^\s*(config|data|model|noise|train|sample)\.(\w+) = (.+?)(?:\s+#\s*(.*))?$")
-_SECTIONS = {"config": "", "data": "data.", "model": "model.", "noise": "offset_noise.",
-             "train": "train.", "sample": "sample."}
-
-
 def config_field_lines() -> list[str]:
-  """`  train.batch_size = 1024  Global batch (divided over devices).` for every field."""
+  """`  train.batch_size = 1024  # Global batch (divided over devices).` for every field."""
   from diffurec_jax import config as config_lib
-  lines = []
-  for source_line in inspect.getsource(config_lib.base_config).splitlines():
-    match = _FIELD.match(source_line)
-    if match:
-      section, name, default, comment = match.groups()
-      lines.append(f"  {_SECTIONS[section] + name} = {default}" + (f"  # {comment}"
-                                                                  if comment else ""))
-  return lines
+  return [f"  {field} = {default!r}" + (f"  # {text}" if text else "")
+          for field, default, text in config_lib.FIELDS]
 
 
 def help_text(program: str) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from diffurec_jax import errors
+
 # Variant presets pick the system; they are mutually exclusive.
 VARIANTS = ("diffurec", "v1", "v2", "sasrec")
 # DiffuRecSys's released code (github.com/shararezr/DiffuRecSys): variant presets too, which
@@ -16,105 +18,123 @@ VARIANTS = ("diffurec", "v1", "v2", "sasrec")
 RELEASED_VARIANTS = ("v1_released", "v2_released")
 
 
+# (field, default, help) of every config field: the defaults shared by every dataset (the
+# papers' model, trained with the fast recipe) and the field list of `--help`.
+FIELDS = (
+    ("seed", 0, "Seeds parameters, data order, diffusion noise and dropout."),
+    ("variant", "diffurec", "One of VARIANTS; set through presets."),
+    ("data.name", "custom", "'beauty', 'toys', 'ml-1m' (registered) or 'custom'."),
+    ("data.root", "", "Raw-data root; '' = $DIFFUREC_DATA, else the user cache dir."),
+    ("data.path", "", "Custom data: the interaction file to read."),
+    ("data.format", "auto", "auto|long|inter|movielens|amazon|sequences."),
+    ("data.user_col", "user", "Long format: user column name."),
+    ("data.item_col", "item", "Long format: item column name."),
+    ("data.time_col", "timestamp", "Long format: time column ('' = file order)."),
+    ("data.rating_col", "", "Long format: rating column ('' = none)."),
+    ("data.separator", "", "Long format: field separator ('' = from the extension)."),
+    ("data.dedup", "none", "none|first|last: repeated (user, item) pairs."),
+    ("data.min_rating", -1.0, "Keep ratings >= this; negative = keep all."),
+    ("data.user_core", 5, "Iterative k-core: min interactions per user (0 = off)."),
+    ("data.item_core", 5, "Iterative k-core: min interactions per item (0 = off)."),
+    ("data.short_users", "drop", "drop|error: users with < 3 interactions after filtering."),
+    ("data.max_users", 0, "Keep only the first N users (0 = all); for smoke runs."),
+    ("data.max_len", 100, "History length: the most recent max_len items."),
+    ("data.cache_dir", "", "Prepared-split cache; '' = $DIFFUREC_CACHE or user cache dir."),
+    ("data.download", True, "Download missing registered files when a network exists."),
+    ("model.hidden", 128, "Embedding and Transformer width."),
+    ("model.num_blocks", 4, "Transformer blocks in the approximator."),
+    ("model.num_heads", 4, "Attention heads."),
+    ("model.dropout", 0.1, "Dropout inside the Transformer blocks."),
+    ("model.emb_dropout", 0.3, "Dropout on history item embeddings."),
+    ("model.mixing", "add", "add (DiffuRec Eq. 15) | cross_attention (DiffuRecSys Eq. 16)."),
+    ("model.position_embedding", True, "Learned positions, counted from the most recent item."),
+    ("model.mask_padding_keys", True, "Attention never attends to padding positions."),
+    ("model.mask_padding_queries", False,
+     "DiffuRec code: a padding query attends uniformly to all."),
+    ("model.causal", False, "Causal self-attention (SASRec always uses it)."),
+    ("model.lambda_mean", 0.001, "lambda ~ N(lambda_mean, lambda_std) per element."),
+    ("model.lambda_std", 0.001, "Standard deviation of lambda (see lambda_mean)."),
+    ("model.diffusion_steps", 32, "T, training schedule length."),
+    ("model.schedule", "trunc_lin", "trunc_lin|linear|cosine|sqrt."),
+    ("model.item_init_std", 0.02,
+     "Item table ~ N(0, std^2); the papers' code: 1.0 (`paper` preset)."),
+    ("model.score_scale", 1.0, "Logits = score_scale * x0_hat . E^T (1.0 = the papers)."),
+    ("model.reverse_variance", "beta", "beta (DiffuRec code) | posterior (paper Eq. 23)."),
+    ("model.block_output_dropout", True, "Dropout on each block's whole output (DiffuRec code)."),
+    ("model.layer_norm_eps", 1e-12, "LayerNorm epsilon (DiffuRec code: 1e-12, TF style)."),
+    ("model.init", "torch",
+     "torch (DiffuRec code: torch defaults + Xavier) | flax (lecun, 0 bias)."),
+    ("model.attention_key_bias", False,
+     "Key projection bias (cancels in softmax; DiffuRec has one)."),
+    ("model.loss_padding_column", False,
+     "CE over all N+1 columns, padding included (DiffuRec code)."),
+    ("model.cross_attention_form", "dot_product",
+     "dot_product|linear|linear_heads (DiffuRecSys code)."),
+    ("model.share_cross_attention_norm", False,
+     "One LayerNorm before both attentions (DiffuRecSys)."),
+    ("model.cross_fill_padding_queries", False,
+     "Padding rows of cross-attention := -1e9 (DiffuRecSys)."),
+    ("model.every_block_reads_input", False,
+     "Blocks all read the input: last one counts (DiffuRecSys)."),
+    ("offset_noise.mode", "none", "none|constant|per_example|per_element (training only)."),
+    ("offset_noise.delta_c", 1.0, "'constant': eps ~ N(0.1 * delta_c, I)."),
+    ("offset_noise.scale", 0.1,
+     "eps = N(0, I) + scale * s, s ~ N(0, 1) per example or per element."),
+    ("train.batch_size", 1024, "Global batch (divided over devices)."),
+    ("train.eval_batch_size", 1024, "Users per evaluation batch (padded, masked)."),
+    ("train.learning_rate", 2e-3, "Peak Adam lr (fast recipe, docs/results.md; the papers: 1e-3)."),
+    ("train.weight_decay", 0.0, "Adam with L2 added to the gradient, as torch Adam does."),
+    ("train.lr_schedule", "cosine",
+     "cosine: to 0 at num_epochs | step: x lr_decay_rate every lr_decay_epochs."),
+    ("train.warmup_epochs", 0.5,
+     "Linear warm-up from 0 over this many epochs (fractions allowed)."),
+    ("train.lr_decay_epochs", 0,
+     "Step decay: lr *= lr_decay_rate every this many epochs (0 = off)."),
+    ("train.lr_decay_rate", 0.1, ""),
+    ("train.grad_clip", 0.0, "Global-norm clip (0 = off)."),
+    ("train.microbatch_tokens", 32768,
+     "Split a step's batch when batch x length exceeds this (0 = never)."),
+    ("train.num_epochs", 20,
+     "The cosine schedule's length (Toys: best valid at its end, docs/results.md)."),
+    ("train.eval_every", 1, "Validate every this many epochs."),
+    ("train.patience", 5, "Early stop after this many evaluations without improvement (0 = off)."),
+    ("train.valid_metric", "ndcg@10", "Checkpoint selection metric (validation only)."),
+    ("train.selection", "metric",
+     "metric: best valid_metric | any: any valid metric improves (DiffuRec)."),
+    ("train.valid_users", 0, "Validate on a fixed random subset of this many users (0 = all)."),
+    ("train.valid_steps", 1,
+     "Reverse steps of the validation sampler (0 = sample.steps); test: sample.*."),
+    ("train.keep_checkpoints", 2, "Latest checkpoints kept, besides the best."),
+    ("train.max_steps_per_epoch", 0, "Cap on steps per epoch (0 = full epoch); for smoke runs."),
+    ("train.length_buckets", (4, 8, 16, 32),
+     "Extra padded lengths below max_len (needs masked keys)."),
+    ("train.mask_history", False, "Evaluation: exclude the user's history items from ranking."),
+    ("sample.sampler", "reverse", "reverse (Algorithm 2) | ddim | one_step (Algorithm 3)."),
+    ("sample.steps", 0, "Reverse steps K (respaced); 0 = diffusion_steps."),
+    ("sample.seeds", 1, "Ensemble size: item distributions of S chains are averaged."),
+    ("sample.eta", 0.0, "DDIM stochasticity (0 = deterministic)."),
+    ("sample.seed", 0, "Base seed for inference noise (valid/test reproducible)."),
+)
+
+
 def base_config() -> ml_collections.ConfigDict:
-  """Defaults shared by every dataset: the papers' model, trained with the fast recipe.
+  """`FIELDS` as a ConfigDict: the papers' model, trained with the fast recipe.
 
   The fast recipe (item table N(0, 0.02^2), Adam lr 2e-3 after a half-epoch warm-up, no
   weight decay, validation every epoch with one reverse step, patience 5) was chosen by
   measurement on Toys (docs/results.md); the `paper` preset restores the published recipe.
   """
   config = ml_collections.ConfigDict()
-  config.seed = 0  # Seeds parameters, data order, diffusion noise and dropout.
-  config.variant = "diffurec"  # One of VARIANTS; set through presets.
-
-  data = config.data = ml_collections.ConfigDict()
-  data.name = "custom"  # 'beauty', 'toys', 'ml-1m' (registered) or 'custom'.
-  data.root = ""  # Raw-data root; '' = $DIFFUREC_DATA, else the user cache dir.
-  data.path = ""  # Custom data: the interaction file to read.
-  data.format = "auto"  # auto|long|inter|movielens|amazon|sequences.
-  data.user_col = "user"  # Long format: user column name.
-  data.item_col = "item"  # Long format: item column name.
-  data.time_col = "timestamp"  # Long format: time column ('' = file order).
-  data.rating_col = ""  # Long format: rating column ('' = none).
-  data.separator = ""  # Long format: field separator ('' = from the extension).
-  data.dedup = "none"  # none|first|last: repeated (user, item) pairs.
-  data.min_rating = -1.0  # Keep ratings >= this; negative = keep all.
-  data.user_core = 5  # Iterative k-core: min interactions per user (0 = off).
-  data.item_core = 5  # Iterative k-core: min interactions per item (0 = off).
-  data.short_users = "drop"  # drop|error: users with < 3 interactions after filtering.
-  data.max_users = 0  # Keep only the first N users (0 = all); for smoke runs.
-  data.max_len = 100  # History length: the most recent max_len items.
-  data.cache_dir = ""  # Prepared-split cache; '' = $DIFFUREC_CACHE or user cache dir.
-  data.download = True  # Download missing registered files when a network exists.
-
-  model = config.model = ml_collections.ConfigDict()
-  model.hidden = 128  # Embedding and Transformer width.
-  model.num_blocks = 4  # Transformer blocks in the approximator.
-  model.num_heads = 4  # Attention heads.
-  model.dropout = 0.1  # Dropout inside the Transformer blocks.
-  model.emb_dropout = 0.3  # Dropout on history item embeddings.
-  model.mixing = "add"  # add (DiffuRec Eq. 15) | cross_attention (DiffuRecSys Eq. 16).
-  model.position_embedding = True  # Learned positions, counted from the most recent item.
-  model.mask_padding_keys = True  # Attention never attends to padding positions.
-  model.mask_padding_queries = False  # DiffuRec code: a padding query attends uniformly to all.
-  model.causal = False  # Causal self-attention (SASRec always uses it).
-  model.lambda_mean = 0.001  # lambda ~ N(lambda_mean, lambda_std) per element.
-  model.lambda_std = 0.001
-  model.diffusion_steps = 32  # T, training schedule length.
-  model.schedule = "trunc_lin"  # trunc_lin|linear|cosine|sqrt.
-  model.item_init_std = 0.02  # Item table ~ N(0, std^2); the papers' code: 1.0 (`paper` preset).
-  model.score_scale = 1.0  # Logits = score_scale * x0_hat . E^T (1.0 = the papers).
-  model.reverse_variance = "beta"  # beta (DiffuRec code) | posterior (paper Eq. 23).
-  model.block_output_dropout = True  # Dropout on each block's whole output (DiffuRec code).
-  model.layer_norm_eps = 1e-12  # LayerNorm epsilon (DiffuRec code: 1e-12, TF style).
-  model.init = "torch"  # torch (DiffuRec code: torch defaults + Xavier) | flax (lecun, 0 bias).
-  model.attention_key_bias = False  # Key projection bias (cancels in softmax; DiffuRec has one).
-  model.loss_padding_column = False  # CE over all N+1 columns, padding included (DiffuRec code).
-  model.cross_attention_form = "dot_product"  # dot_product|linear|linear_heads (DiffuRecSys code).
-  model.share_cross_attention_norm = False  # One LayerNorm before both attentions (DiffuRecSys).
-  model.cross_fill_padding_queries = False  # Padding rows of cross-attention := -1e9 (DiffuRecSys).
-  model.every_block_reads_input = False  # Blocks all read the input: last one counts (DiffuRecSys).
-
-  noise = config.offset_noise = ml_collections.ConfigDict()
-  noise.mode = "none"  # none|constant|per_example|per_element (training only).
-  noise.delta_c = 1.0  # 'constant': eps ~ N(0.1 * delta_c, I).
-  noise.scale = 0.1  # eps = N(0, I) + scale * s, s ~ N(0, 1) per example or per element.
-
-  train = config.train = ml_collections.ConfigDict()
-  train.batch_size = 1024  # Global batch (divided over devices).
-  train.eval_batch_size = 1024  # Users per evaluation batch (padded, masked).
-  train.learning_rate = 2e-3  # Peak Adam lr (fast recipe, docs/results.md; the papers: 1e-3).
-  train.weight_decay = 0.0  # Adam with L2 added to the gradient, as torch Adam does.
-  train.lr_schedule = "cosine"  # cosine: to 0 at num_epochs | step: x lr_decay_rate every lr_decay_epochs.
-  train.warmup_epochs = 0.5  # Linear warm-up from 0 over this many epochs (fractions allowed).
-  train.lr_decay_epochs = 0  # Step decay: lr *= lr_decay_rate every this many epochs (0 = off).
-  train.lr_decay_rate = 0.1
-  train.grad_clip = 0.0  # Global-norm clip (0 = off).
-  train.microbatch_tokens = 32768  # Split a step's batch when batch x length exceeds this (0 = never).
-  train.num_epochs = 20  # The cosine schedule's length (Toys: best valid at its end, docs/results.md).
-  train.eval_every = 1  # Validate every this many epochs.
-  train.patience = 5  # Early stop after this many evaluations without improvement (0 = off).
-  train.valid_metric = "ndcg@10"  # Checkpoint selection metric (validation only).
-  train.selection = "metric"  # metric: best valid_metric | any: any valid metric improves (DiffuRec).
-  train.valid_users = 0  # Validate on a fixed random subset of this many users (0 = all).
-  train.valid_steps = 1  # Reverse steps of the validation sampler (0 = sample.steps); test: sample.*.
-  train.keep_checkpoints = 2  # Latest checkpoints kept, besides the best.
-  train.max_steps_per_epoch = 0  # Cap on steps per epoch (0 = full epoch); for smoke runs.
-  train.length_buckets = (4, 8, 16, 32)  # Extra padded lengths below max_len (needs masked keys).
-  train.mask_history = False  # Evaluation: exclude the user's history items from ranking.
-
-  sample = config.sample = ml_collections.ConfigDict()
-  sample.sampler = "reverse"  # reverse (Algorithm 2) | ddim | one_step (Algorithm 3).
-  sample.steps = 0  # Reverse steps K (respaced); 0 = diffusion_steps.
-  sample.seeds = 1  # Ensemble size: item distributions of S chains are averaged.
-  sample.eta = 0.0  # DDIM stochasticity (0 = deterministic).
-  sample.seed = 0  # Base seed for inference noise (valid/test reproducible).
-  sample.topk = 10  # Recommendations per user in bin/infer.py.
-  sample.compute_dtype = "float32"  # float32 | bfloat16 (matmuls; softmax stays f32).
+  for field, default, _ in FIELDS:
+    section, _, name = field.rpartition(".")
+    if section and section not in config:
+      config[section] = ml_collections.ConfigDict()
+    (config[section] if section else config)[name] = default
   return config
 
 
 def _preset_diffurec(config):
+  """DiffuRec: additive mixing, batch 512, max_len 50 (the default variant)."""
   config.variant = "diffurec"
   config.model.mixing = "add"
   config.offset_noise.mode = "none"
@@ -123,6 +143,7 @@ def _preset_diffurec(config):
 
 
 def _preset_v1(config):
+  """DiffuRecSys V1: cross-attention mixing, batch 1024, max_len 100."""
   config.variant = "v1"
   config.model.mixing = "cross_attention"
   config.offset_noise.mode = "none"
@@ -131,6 +152,7 @@ def _preset_v1(config):
 
 
 def _preset_v2(config):
+  """DiffuRecSys V2: V1 + constant offset noise in training."""
   _preset_v1(config)
   config.variant = "v2"
   config.offset_noise.mode = "constant"
@@ -196,6 +218,7 @@ def _preset_v2_released(config):
 
 
 def _preset_sasrec(config):
+  """SASRec with full cross-entropy (the baseline)."""
   config.variant = "sasrec"
   config.model.causal = True
   config.model.position_embedding = True
@@ -282,24 +305,18 @@ def _preset_paper(config):
 
 
 def _preset_nopos(config):
+  """Ablation: no position embedding."""
   config.model.position_embedding = False
 
 
 def _preset_lambda0(config):
+  """Ablation: lambda = 0 (no diffusion signal in the history)."""
   config.model.lambda_mean = 0.0
   config.model.lambda_std = 0.0
 
 
-def _preset_smallinit(config):
-  """Item table ~ N(0, 0.02^2) instead of torch's N(0, 1) (now the default; kept for old commands).
-
-  With N(0, 1) rows, Adam at lr 1e-3 needs ~1,000 steps to move a row by its own scale and the
-  first epochs' logits are huge (loss ~25 > ln N); the papers train 41+ epochs on a GPU.
-  """
-  config.model.item_init_std = 0.02
-
-
 def _preset_steps1(config):
+  """One reverse step at inference."""
   config.sample.steps = 1
 
 
@@ -329,24 +346,32 @@ PRESETS = {
     "paper": _preset_paper,
     "nopos": _preset_nopos,
     "lambda0": _preset_lambda0,
-    "smallinit": _preset_smallinit,
     "steps1": _preset_steps1,
     "smoke": _preset_smoke,
 }
 
 
-def apply_presets(config: ml_collections.ConfigDict, arg: str | None):
-  """Applies the comma-separated presets in `arg` (e.g. 'v2,smoke') in order."""
+def apply_presets(config: ml_collections.ConfigDict, arg: str | None, *,
+                  dataset_defaults=None):
+  """Applies the comma-separated presets in `arg` (e.g. 'v2,smoke') in order.
+
+  The variant preset goes first (default: diffurec), then `dataset_defaults(config, variant)`
+  where a dataset file gives one (e.g. ML-1M's longer histories), then the other presets, so
+  `smoke` or `upstream` still set their own values.
+  """
   names = [name.strip() for name in (arg or "").split(",") if name.strip()]
   unknown = [name for name in names if name not in PRESETS]
   if unknown:
-    raise ValueError(
+    raise errors.ConfigError(
         f"Unknown preset(s) {unknown} in ':{arg}'; known presets: {sorted(PRESETS)}.")
   variants = [name for name in names if name in VARIANTS + RELEASED_VARIANTS]
   if len(variants) > 1:
-    raise ValueError(f"Choose one variant preset, got {variants}.")
+    raise errors.ConfigError(f"Choose one variant preset, got {variants}.")
   # The variant sets its paper's defaults first; the other presets refine them.
-  PRESETS[variants[0] if variants else "diffurec"](config)
+  variant = variants[0] if variants else "diffurec"
+  PRESETS[variant](config)
+  if dataset_defaults is not None:
+    dataset_defaults(config, variant)
   for name in names:
     if name not in variants:
       PRESETS[name](config)

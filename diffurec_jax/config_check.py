@@ -1,29 +1,23 @@
 """Checks a config's values before any data is read or any step compiled.
 
-`validate(config)` raises `ConfigError` naming every bad field, its value, what is allowed
+`validate(config)` raises `errors.ConfigError` naming every bad field, its value, what is allowed
 and the flag that fixes it, so a typo costs a second instead of an epoch.
 """
 
 from __future__ import annotations
 
-from diffurec_jax.models import attention
 from diffurec_jax import config as config_lib
-from diffurec_jax.models import layers
+from diffurec_jax import diffusion
+from diffurec_jax import errors
 from diffurec_jax import metrics
-from diffurec_jax.models import mixing
-from diffurec_jax import samplers as sample
-from diffurec_jax import diffusion as schedule
+from diffurec_jax import samplers
 from diffurec_jax.data import readers
 from diffurec_jax.data import transforms
-
-LR_SCHEDULES = ("step", "cosine")
-SELECTIONS = ("metric", "any")
-COMPUTE_DTYPES = ("float32", "bfloat16")
-VALID_METRICS = tuple(f"{name}@{k}" for name in ("hit", "ndcg", "mrr") for k in metrics.KS)
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work, in one sentence for people."""
+from diffurec_jax.models import attention
+from diffurec_jax.models import layers
+from diffurec_jax.models import mixing
+from diffurec_jax.training import optimizer
+from diffurec_jax.training import selection
 
 
 def _problems(config) -> list[str]:
@@ -64,20 +58,20 @@ def _problems(config) -> list[str]:
   need(model.lambda_std >= 0, "model.lambda_std", ">= 0")
   need(model.item_init_std > 0, "model.item_init_std", "> 0")
   one_of("model.mixing", mixing.MIXINGS)
-  one_of("model.schedule", schedule.SCHEDULES)
-  one_of("model.reverse_variance", schedule.VARIANCES)
+  one_of("model.schedule", diffusion.SCHEDULES)
+  one_of("model.reverse_variance", diffusion.VARIANCES)
   one_of("model.init", layers.INITS)
   one_of("model.cross_attention_form", attention.CROSS_FORMS)
   steps_ok = integer(model.diffusion_steps) and model.diffusion_steps >= 1
-  if steps_ok and model.schedule in schedule.SCHEDULES:
+  if steps_ok and model.schedule in diffusion.SCHEDULES:
     try:
-      schedule.beta_schedule(model.schedule, model.diffusion_steps)
+      diffusion.beta_schedule(model.schedule, model.diffusion_steps)
     except ValueError as error:
       steps_ok = False
       need(False, "model.diffusion_steps", f"valid for the {model.schedule} schedule ({error})")
   else:
     need(steps_ok, "model.diffusion_steps", "an integer >= 1")
-  one_of("offset_noise.mode", schedule.NOISE_MODES)
+  one_of("offset_noise.mode", diffusion.NOISE_MODES)
 
   for field in ("batch_size", "eval_batch_size"):
     need(integer(train[field]) and train[field] >= 1, f"train.{field}", "an integer >= 1")
@@ -102,11 +96,11 @@ def _problems(config) -> list[str]:
        "an integer >= 0 (0 = all users)")
   need(all(integer(b) and b >= 1 for b in train.length_buckets), "train.length_buckets",
        "a tuple of integers >= 1")
-  one_of("train.valid_metric", VALID_METRICS)
-  one_of("train.selection", SELECTIONS)
-  one_of("train.lr_schedule", LR_SCHEDULES)
+  one_of("train.valid_metric", metrics.VALID_METRICS)
+  one_of("train.selection", selection.SELECTIONS)
+  one_of("train.lr_schedule", optimizer.LR_SCHEDULES)
 
-  one_of("sample.sampler", sample.SAMPLERS)
+  one_of("sample.sampler", samplers.SAMPLERS)
   limit = model.diffusion_steps if steps_ok else None
   for field in ("train.valid_steps", "sample.steps"):
     section, name = field.split(".")
@@ -114,19 +108,17 @@ def _problems(config) -> list[str]:
     need(integer(value) and value >= 0 and (limit is None or value <= limit), field,
          f"an integer in [0, model.diffusion_steps={model.diffusion_steps}] (0 = all steps)")
   need(integer(samp.seeds) and samp.seeds >= 1, "sample.seeds", "an integer >= 1")
-  need(integer(samp.topk) and samp.topk >= 1, "sample.topk", "an integer >= 1")
   need(samp.eta >= 0, "sample.eta", ">= 0")
-  one_of("sample.compute_dtype", COMPUTE_DTYPES)
   return problems
 
 
 def validate(config):
-  """Raises ConfigError listing every field whose value cannot work."""
+  """Raises errors.ConfigError listing every field whose value cannot work."""
   try:
     problems = _problems(config)
   except (TypeError, KeyError, AttributeError) as error:  # A field of the wrong kind.
-    raise ConfigError(f"The config cannot be checked ({type(error).__name__}: {error}); "
+    raise errors.ConfigError(f"The config cannot be checked ({type(error).__name__}: {error}); "
                       "compare it with diffurec_jax/config.py.") from error
   if problems:
-    raise ConfigError("Bad config value" + ("s" if len(problems) > 1 else "") + ": "
+    raise errors.ConfigError("Bad config value" + ("s" if len(problems) > 1 else "") + ": "
                       + "; ".join(problems) + ".")

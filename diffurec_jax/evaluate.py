@@ -1,4 +1,4 @@
-"""Full-ranking evaluation of a split: fixed-shape padded batches, sums on device.
+"""Full-ranking evaluation: one Evaluator per (config, dataset), and a trained workdir's.
 
 Every user is scored against all items (padding excluded), ranks are pessimistic on ties,
 HR/NDCG/MRR@K are averaged over users (sums and counts, divided once on the host). One
@@ -8,22 +8,29 @@ so results do not depend on batch size, bucketing or device count.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from diffurec_jax.data import batches as batches_lib
 from diffurec_jax import metrics
-from diffurec_jax import samplers as sample
+from diffurec_jax import samplers
 from diffurec_jax import sharding
+from diffurec_jax.data import batches as batches_lib
 from diffurec_jax.data import splits
+from diffurec_jax.models import bundle as bundle_lib
+from diffurec_jax.training import checkpoints as checkpoint_lib
+from diffurec_jax.training import optimizer as optimizer_lib
+from diffurec_jax.training import state as train_state
+from diffurec_jax.training import workdir as workdir_lib
 
 
 def make_eval_step(config):
   """jit(bundle, batch, key, schedule) -> (metric sums, ranks [B], log_probs top-k)."""
-  scorer = sample.make_scorer(config)
+  scorer = samplers.make_scorer(config)
   mask_history = config.train.mask_history
 
   def eval_step(bundle, batch, key, schedule):
@@ -51,41 +58,148 @@ def validation_config(config):
   return valid_config
 
 
-def evaluate_split(bundle, dataset, split: str, config, mesh, eval_step=None, *,
-                   progress: bool = True, max_users: int = 0) -> tuple[dict, dict]:
-  """Metrics of `split` ('valid' | 'test') and per-user arrays (users, ranks, lengths).
+class Evaluator:
+  """Full-ranking evaluation of `dataset`'s splits under one config, on one mesh.
 
-  `max_users` > 0 evaluates a fixed random subset of that many users (seeded by
-  sample.seed, the same subset every time); the test split always uses every user.
+  The jitted step is built once: validation every epoch and the final test reuse its
+  compiled bucket shapes. `evaluate` builds batches as it goes (with a progress bar); a
+  benchmark builds them first with `batches` and times `evaluate_batches` alone.
   """
-  eval_step = eval_step or make_eval_step(config)
-  schedule = sample.sampling_schedule(config)
-  examples = splits.eval_examples(dataset, split)
-  subset = user_subset(len(examples.users), max_users, config.sample.seed)
-  if subset is not None:
-    examples = examples.take(subset)
-  lengths = batches_lib.bucket_lengths(config.data.max_len, bucket_config(config))
-  history_lengths = (examples.ends - examples.starts).astype(np.int64)
-  plans = batches_lib.eval_plan(history_lengths, config.train.eval_batch_size, lengths)
-  key = jax.random.key(config.sample.seed)
-  totals = {}
-  ranks = np.zeros(len(history_lengths), dtype=np.int64)
-  start = time.time()
-  for plan in tqdm(plans, desc=split, disable=not progress, leave=False):
-    batch = batches_lib.build(plan, examples, dataset.items)
-    sums, batch_ranks = eval_step(bundle, sharding.shard_batch(batch, mesh), key, schedule)
-    totals = metrics.accumulate(totals, jax.device_get(sums))
-    valid = plan.indices >= 0
-    ranks[plan.indices[valid]] = np.asarray(jax.device_get(batch_ranks))[valid]
-  result = metrics.finalize(totals)
-  result["seconds"] = round(time.time() - start, 3)
-  per_user = {"users": examples.users, "targets": examples.targets, "ranks": ranks,
-              "history_lengths": history_lengths}
-  return result, per_user
+
+  def __init__(self, config, dataset, mesh):
+    self.config, self.dataset, self.mesh = config, dataset, mesh
+    self.step = make_eval_step(config)
+    self.schedule = samplers.sampling_schedule(config)
+    self.lengths = batches_lib.padded_lengths(config)
+
+  def examples(self, split: str, max_users: int = 0, subset_seed: int | None = None
+               ) -> splits.Examples:
+    """The split's examples; `max_users` > 0: a fixed random subset (seed: sample.seed)."""
+    examples = splits.eval_examples(self.dataset, split)
+    seed = self.config.sample.seed if subset_seed is None else subset_seed
+    subset = user_subset(len(examples.users), max_users, seed)
+    return examples if subset is None else examples.take(subset)
+
+  def plans(self, examples: splits.Examples) -> list:
+    history_lengths = (examples.ends - examples.starts).astype(np.int64)
+    return batches_lib.eval_plan(history_lengths, self.config.train.eval_batch_size,
+                                 self.lengths)
+
+  def batch(self, plan, examples: splits.Examples) -> dict:
+    return sharding.shard_batch(batches_lib.build(plan, examples, self.dataset.items),
+                                self.mesh)
+
+  def batches(self, examples: splits.Examples) -> list:
+    """[(plan, sharded batch)] of every batch, built before any is evaluated."""
+    return [(plan, self.batch(plan, examples)) for plan in self.plans(examples)]
+
+  def key(self, seed: int | None = None) -> jax.Array:
+    return jax.random.key(self.config.sample.seed if seed is None else seed)
+
+  def evaluate(self, bundle, split: str, *, max_users: int = 0,
+               progress: bool = True) -> tuple[dict, dict]:
+    """Metrics of `split` ('valid' | 'test') and per-user arrays (users, ranks, lengths).
+
+    `max_users` > 0 evaluates a fixed random subset of that many users (seeded by
+    sample.seed, the same subset every time); the test split always uses every user.
+    """
+    examples = self.examples(split, max_users)
+    history_lengths = (examples.ends - examples.starts).astype(np.int64)
+    key = self.key()
+    totals = {}
+    ranks = np.zeros(len(history_lengths), dtype=np.int64)
+    start = time.time()
+    for plan in tqdm(self.plans(examples), desc=split, disable=not progress, leave=False):
+      sums, batch_ranks = self.step(bundle, self.batch(plan, examples), key, self.schedule)
+      totals = metrics.accumulate(totals, jax.device_get(sums))
+      valid = plan.indices >= 0
+      ranks[plan.indices[valid]] = np.asarray(jax.device_get(batch_ranks))[valid]
+    result = metrics.finalize(totals)
+    result["seconds"] = round(time.time() - start, 3)
+    per_user = {"users": examples.users, "targets": examples.targets, "ranks": ranks,
+                "history_lengths": history_lengths}
+    return result, per_user
+
+  def warm_up(self, bundle, batches) -> float:
+    """Seconds of one call per distinct batch shape (compilation plus one batch each)."""
+    start = time.perf_counter()
+    shapes = {batch["history"].shape: batch for _, batch in batches}
+    jax.block_until_ready([self.step(bundle, batch, self.key(0), self.schedule)
+                           for batch in shapes.values()])
+    return time.perf_counter() - start
+
+  def evaluate_batches(self, bundle, batches, key) -> tuple[dict, np.ndarray, float]:
+    """(metrics, ranks [num examples], seconds): every batch dispatched, then one sync."""
+    start = time.perf_counter()
+    outputs = [self.step(bundle, batch, key, self.schedule) for _, batch in batches]
+    jax.block_until_ready(outputs)
+    seconds = time.perf_counter() - start
+    totals = {}
+    ranks = np.zeros(sum(int((plan.indices >= 0).sum()) for plan, _ in batches), np.int64)
+    for (plan, _), (sums, batch_ranks) in zip(batches, jax.device_get(outputs)):
+      totals = metrics.accumulate(totals, sums)
+      valid = plan.indices >= 0
+      ranks[plan.indices[valid]] = np.asarray(batch_ranks)[valid]
+    return metrics.finalize(totals), ranks, seconds
 
 
-def bucket_config(config):
-  """Length buckets are exact only when padding keys are masked and padding queries are not
-  (a padding query reads every position); otherwise pad to max_len."""
-  exact = config.model.mask_padding_keys and not config.model.mask_padding_queries
-  return tuple(config.train.length_buckets) if exact else ()
+@dataclasses.dataclass
+class Loaded:
+  """A trained workdir's best checkpoint: its config, parameters and id maps."""
+  config: object
+  bundle: bundle_lib.Bundle
+  user_ids: np.ndarray
+  item_ids: np.ndarray
+  epoch: int
+
+
+def load(workdir: str, *, seeds: int = 0, steps: int = 0, sampler: str = "") -> Loaded:
+  """The best checkpoint of `workdir` with its config; seeds/steps/sampler override sampling."""
+  config = workdir_lib.load_config(workdir)
+  if seeds:
+    config.sample.seeds = seeds
+  if steps:
+    config.sample.steps = steps
+  if sampler:
+    config.sample.sampler = sampler
+  user_ids, item_ids = workdir_lib.load_id_map(workdir)
+  bundle = train_state.init_model(config, len(item_ids) - 1)
+  checkpoints = checkpoint_lib.Checkpoints(workdir)
+  try:
+    if checkpoints.best.latest_step() is None:
+      raise checkpoint_lib.CheckpointError(
+          f"{workdir} has no validated checkpoint under {checkpoints.directory}/best; train it "
+          "first with bin/train.py.")
+    tx = optimizer_lib.make_optimizer(config.train, 1)
+    target = train_state.TrainState(bundle.params, tx.init(bundle.params),
+                                    jnp.zeros((), jnp.int32))
+    state, meta = checkpoints.restore("best", target)
+  finally:
+    checkpoints.close()
+  return Loaded(config, bundle_lib.Bundle(bundle.graphdef, state.params), user_ids, item_ids,
+                meta["best_epoch"])
+
+
+def load_with_data(workdir: str, **overrides) -> tuple[Loaded, object]:
+  """(Loaded, its prepared dataset); CheckpointError if the data changed since training."""
+  from diffurec_jax import data as data_lib
+  loaded = load(workdir, **overrides)
+  dataset = data_lib.prepare(loaded.config.data)
+  if dataset.num_items != len(loaded.item_ids) - 1:
+    raise checkpoint_lib.CheckpointError(
+        f"The prepared data has {dataset.num_items} items but {workdir} was trained on "
+        f"{len(loaded.item_ids) - 1}; the raw data changed since training.")
+  return loaded, dataset
+
+
+def evaluate_workdir(workdir: str, split: str = "test", *, seeds: int = 0, steps: int = 0,
+                     sampler: str = "", progress: bool = True) -> tuple[dict, dict, Loaded]:
+  """(metrics, per-user arrays, Loaded) of `workdir`'s best checkpoint on `split`, exactly as
+  training computed them; seeds/steps/sampler override the run's sampling."""
+  loaded, dataset = load_with_data(workdir, seeds=seeds, steps=steps, sampler=sampler)
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(loaded.config.train.eval_batch_size, mesh,
+                            "train.eval_batch_size")
+  result, per_user = Evaluator(loaded.config, dataset, mesh).evaluate(
+      loaded.bundle, split, progress=progress)
+  return result, per_user, loaded

@@ -20,6 +20,8 @@ import numpy as np
 
 KS = (5, 10, 20)
 # The metrics a run's results.json keeps (and a ledger row shows).
+# What train.valid_metric may name.
+VALID_METRICS = tuple(f"{name}@{k}" for name in ("hit", "ndcg", "mrr") for k in KS)
 RESULT_KEYS = ("hit@5", "hit@10", "hit@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr@10")
 
 

@@ -10,9 +10,9 @@ Design for speed: the history embedding is computed once per batch (it does not 
 x_t), the chain is one `lax.scan`, seeds are a `vmap` inside the same jit (history work is
 shared), and scoring against the item table happens once at the end.
 
-Randomness is keyed per user (`fold_in(seed key, user)`), and lambda also per reverse step and
-recency position, so a user's recommendations do not depend on batch size, batch composition,
-length bucket or device count.
+Randomness is keyed per user (`chain_keys`: `fold_in(seed key, user)`), and lambda also per
+reverse step and recency position, so a user's recommendations do not depend on batch size,
+batch composition, length bucket or device count.
 """
 
 from __future__ import annotations
@@ -25,23 +25,32 @@ import jax.numpy as jnp
 from diffurec_jax.models import bundle as bundle_lib
 from diffurec_jax.models import diffurec as model_lib
 from diffurec_jax.models import sasrec as sasrec_lib
-from diffurec_jax import diffusion as schedule_lib
+from diffurec_jax import diffusion
 
 SAMPLERS = ("reverse", "ddim", "one_step")
 
 
-def sampling_schedule(config) -> schedule_lib.Schedule:
+def sampling_schedule(config) -> diffusion.Schedule:
   """The (respaced) schedule of `config.sample.steps` kept steps (0 = all T)."""
   num_train_steps = config.model.diffusion_steps
   kept = config.sample.steps or num_train_steps
   if not 1 <= kept <= num_train_steps:
     raise ValueError(f"sample.steps={kept} must be in [1, diffusion_steps={num_train_steps}].")
-  return schedule_lib.respace(config.model.schedule, num_train_steps, kept)
+  return diffusion.respace(config.model.schedule, num_train_steps, kept)
 
 
 def user_normal(keys, shape):
   """One N(0, I) draw of `shape` per user key: keys [B] -> [B, *shape]."""
   return jax.vmap(lambda key: jax.random.normal(key, shape))(keys)
+
+
+def chain_keys(key, seed, users):
+  """The chain keys of ensemble member `seed`: users [B] int32 -> keys [B].
+
+  fold_in(fold_in(key, seed), user), so a user's chain does not depend on its batch.
+  """
+  seed_key = jax.random.fold_in(key, seed)
+  return jax.vmap(lambda user: jax.random.fold_in(seed_key, user))(users)
 
 
 def run_chain(model, e, key_mask, history, user_keys, schedule, *, sampler, variance, eta):
@@ -66,15 +75,15 @@ def run_chain(model, e, key_mask, history, user_keys, schedule, *, sampler, vari
   if sampler == "one_step":
     last_item = model.item_embedding[...][history[:, -1]]
     last = jnp.full((batch,), num_kept - 1)
-    x_t = schedule_lib.q_sample(schedule, last_item, last, start)
+    x_t = diffusion.q_sample(schedule, last_item, last, start)
     return model.approximate(e, key_mask, x_t, schedule.timesteps[last], lambdas_at(num_kept))
 
   def step(x_t, index):
     t = jnp.full((batch,), index)
     x0_hat = model.approximate(e, key_mask, x_t, schedule.timesteps[t], lambdas_at(index))
     if sampler == "ddim":
-      return schedule_lib.ddim_step(schedule, x0_hat, x_t, t, noise_at(index), eta), None
-    return schedule_lib.reverse_step(schedule, x0_hat, x_t, t, noise_at(index), variance), None
+      return diffusion.ddim_step(schedule, x0_hat, x_t, t, noise_at(index), eta), None
+    return diffusion.reverse_step(schedule, x0_hat, x_t, t, noise_at(index), variance), None
 
   x0, _ = jax.lax.scan(step, start, jnp.arange(num_kept - 1, -1, -1))
   return x0
@@ -95,10 +104,8 @@ def diffusion_log_probs(bundle, history, users, key, schedule, *, sampler="rever
   e, key_mask = model.embed_history(history)
 
   def chain(seed):
-    seed_key = jax.random.fold_in(key, seed)
-    user_keys = jax.vmap(lambda user: jax.random.fold_in(seed_key, user))(users)
-    return run_chain(model, e, key_mask, history, user_keys, schedule, sampler=sampler,
-                     variance=variance, eta=eta)
+    return run_chain(model, e, key_mask, history, chain_keys(key, seed, users), schedule,
+                     sampler=sampler, variance=variance, eta=eta)
 
   x0 = jax.vmap(chain)(jnp.arange(num_seeds))
   table = model_lib.item_table(bundle)

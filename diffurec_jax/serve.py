@@ -1,7 +1,6 @@
-"""Serving a trained workdir: test metrics again, or top-K recommendations in original ids.
+"""Serving a trained workdir: top-K recommendations in original ids.
 
-`load(workdir, overrides)` restores the best checkpoint with the run's own config.json and id
-map. `recommend(...)` scores histories given in ORIGINAL item ids: unknown items are skipped
+`recommend(evaluate.load(workdir), ...)` scores histories given in ORIGINAL item ids: unknown items are skipped
 (and counted), users left with no known item get an error row instead of stopping the batch.
 History items are not recommended again unless `exclude_history=False`.
 Output columns: user, rank, item, score, error (error is empty except on a user's single
@@ -11,7 +10,6 @@ per user, ties in file order), or JSONL lines {"user": ..., "items": [...]} (alr
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -21,68 +19,15 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
-from diffurec_jax.data import batches as batches_lib
-from diffurec_jax.training import checkpoints as checkpoint_lib
+from diffurec_jax import errors
 from diffurec_jax import evaluate as evaluate_lib
-from diffurec_jax.models import bundle as bundle_lib
-from diffurec_jax import samplers as sample
-from diffurec_jax import sharding
-from diffurec_jax.training import state as train_state
-from diffurec_jax.training import optimizer as optimizer_lib
-from diffurec_jax.training import workdir as workdir_lib
+from diffurec_jax import samplers
+from diffurec_jax.data import batches as batches_lib
 from diffurec_jax.data import splits
 
 
-class InputError(Exception):
+class InputError(errors.UserError):
   """A bad --input file, in one sentence for people."""
-
-
-@dataclasses.dataclass
-class Loaded:
-  config: object
-  bundle: bundle_lib.Bundle
-  user_ids: np.ndarray
-  item_ids: np.ndarray
-  epoch: int
-
-
-def load(workdir: str, *, seeds: int = 0, steps: int = 0, sampler: str = "") -> Loaded:
-  """The best checkpoint of `workdir` with its config; seeds/steps/sampler override sampling."""
-  config = workdir_lib.load_config(workdir)
-  if seeds:
-    config.sample.seeds = seeds
-  if steps:
-    config.sample.steps = steps
-  if sampler:
-    config.sample.sampler = sampler
-  user_ids, item_ids = workdir_lib.load_id_map(workdir)
-  bundle = train_state.init_model(config, len(item_ids) - 1)
-  checkpoints = checkpoint_lib.Checkpoints(workdir)
-  try:
-    if checkpoints.best.latest_step() is None:
-      raise checkpoint_lib.CheckpointError(
-          f"{workdir} has no validated checkpoint under {checkpoints.directory}/best; train it "
-          "first with bin/train.py.")
-    tx = optimizer_lib.make_optimizer(config.train, 1)
-    target = train_state.TrainState(bundle.params, tx.init(bundle.params), jnp.zeros((), jnp.int32))
-    state, meta = checkpoints.restore("best", target)
-  finally:
-    checkpoints.close()
-  return Loaded(config, bundle_lib.Bundle(bundle.graphdef, state.params), user_ids, item_ids,
-                meta["best_epoch"])
-
-
-def evaluate_test(loaded: Loaded) -> dict:
-  """Test metrics of the loaded model, exactly as train_and_evaluate computed them."""
-  from diffurec_jax import data as data_lib
-  dataset = data_lib.prepare(loaded.config.data)
-  if dataset.num_items != len(loaded.item_ids) - 1:
-    raise checkpoint_lib.CheckpointError(
-        f"The prepared data has {dataset.num_items} items but the model was trained on "
-        f"{len(loaded.item_ids) - 1}; the raw data changed since training.")
-  mesh = sharding.make_mesh()
-  result, _ = evaluate_lib.evaluate_split(loaded.bundle, dataset, "test", loaded.config, mesh)
-  return result
 
 
 def read_histories(path: str) -> tuple[list[str], list[list[str]]]:
@@ -139,7 +84,7 @@ def check_topk(topk: int, num_items: int):
                      f"--topk {num_items} or fewer.")
 
 
-def recommend(loaded: Loaded, users: list[str], sequences: list[list[str]], *, topk: int,
+def recommend(loaded: evaluate_lib.Loaded, users: list[str], sequences: list[list[str]], *, topk: int,
               batch_size: int = 256, progress: bool = True,
               exclude_history: bool = True) -> tuple[pl.DataFrame, dict]:
   """Top-K per user as a frame (user, rank, item, score, error) and counts of what was skipped.
@@ -166,7 +111,7 @@ def recommend(loaded: Loaded, users: list[str], sequences: list[list[str]], *, t
   examples = splits.Examples(
       users=np.asarray([user_lookup.get(users[k], k) for k in rows_ok], dtype=np.int32),
       starts=ends - lengths, ends=ends, targets=np.zeros(len(rows_ok), np.int32))
-  scorer = sample.make_scorer(config)
+  scorer = samplers.make_scorer(config)
 
   @jax.jit
   def top_items(bundle, batch, key, schedule):
@@ -174,9 +119,9 @@ def recommend(loaded: Loaded, users: list[str], sequences: list[list[str]], *, t
     log_probs = log_probs.at[:, 0].set(-jnp.inf)  # The padding item is never recommended.
     return jax.lax.top_k(log_probs, candidates)
 
-  schedule = sample.sampling_schedule(config)
+  schedule = samplers.sampling_schedule(config)
   key = jax.random.key(config.sample.seed)
-  lengths_bucket = batches_lib.bucket_lengths(max_len, evaluate_lib.bucket_config(config))
+  lengths_bucket = batches_lib.padded_lengths(config)
   plans = batches_lib.eval_plan(np.minimum(lengths, max_len), batch_size, lengths_bucket)
   scores = np.zeros((len(rows_ok), candidates), np.float32)
   items = np.zeros((len(rows_ok), candidates), np.int64)

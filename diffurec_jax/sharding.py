@@ -11,6 +11,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from diffurec_jax import errors
+
 AXIS = "data"
 
 
@@ -23,7 +25,7 @@ def make_mesh() -> jax.sharding.Mesh:
 def check_batch_size(batch_size: int, mesh, name: str = "train.batch_size"):
   devices = mesh.devices.size
   if batch_size % devices:
-    raise ValueError(f"{name}={batch_size} is not divisible by the {devices} devices; "
+    raise errors.ConfigError(f"{name}={batch_size} is not divisible by the {devices} devices; "
                      f"set --config.{name} to a multiple of {devices}.")
 
 

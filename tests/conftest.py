@@ -30,3 +30,4 @@ def prepared_data_cache(tmp_path_factory) -> pathlib.Path:
   with pytest.MonkeyPatch.context() as patch:
     patch.setenv("DIFFUREC_CACHE", str(path))
     yield path
+

@@ -62,6 +62,7 @@ def test_accumulated_equals_whole_batch(weights, k):
   chex.assert_trees_all_close(parts, whole, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sasrec_step_split_equals_whole():
   """The real SASRec loss without dropout (no randomness): a micro-batched train step gives the
   same loss and parameters as the whole batch; the weight counts real next-item positions."""

@@ -13,7 +13,6 @@ import pytest
 
 from diffurec_jax.data import batches
 from diffurec_jax import config as config_lib
-from diffurec_jax import evaluate as evaluate_lib
 from diffurec_jax import metrics
 from diffurec_jax.models import bundle as bundle_lib
 from diffurec_jax.models import diffurec as model_lib
@@ -194,6 +193,7 @@ def test_epoch_plan_max_steps_keeps_the_first_batches():
 
 # The fast path equals the straightforward one.
 
+@pytest.mark.slow
 def test_bucketed_training_losses_equal_fully_padded(exact_bundle, schedule):
   """The same batches at their bucket length and at max_len, with the same step rng."""
   params, graphdef = exact_bundle.params, exact_bundle.graphdef
@@ -225,6 +225,7 @@ def per_example(lengths, compute):
   return np.stack([results[index] for index in range(len(EXAMPLES))])
 
 
+@pytest.mark.slow
 def test_bucketed_predictions_and_loss_equal_fully_padded(exact_bundle):
   # Fixed x_t and t per example; the batches of the two paths hold different examples.
   x_t = jnp.asarray(np.random.default_rng(3).standard_normal((len(EXAMPLES), HIDDEN)),
@@ -260,6 +261,7 @@ def evaluate(bundle, schedule, lengths):
   return outputs, metrics.finalize(totals[0])
 
 
+@pytest.mark.slow
 def test_bucketed_evaluation_equals_fully_padded(exact_bundle, schedule):
   bucketed, bucketed_metrics = evaluate(exact_bundle, schedule, BUCKETS)
   padded, padded_metrics = evaluate(exact_bundle, schedule, (MAX_LEN,))
@@ -271,6 +273,7 @@ def test_bucketed_evaluation_equals_fully_padded(exact_bundle, schedule):
   assert bucketed_metrics["users"] == len(EXAMPLES)
 
 
+@pytest.mark.slow
 def test_bucketed_sampling_equals_fully_padded_with_default_lambda_noise(schedule):
   bundle = train_state.init_model(small_config(), NUM_ITEMS)
   assert bundle_lib.merge(bundle).lambda_std > 0
@@ -296,4 +299,4 @@ def test_bucket_config_needs_masked_padding_keys(presets, mask, buckets, expecte
     config.model.mask_padding_keys = mask
   if buckets is not None:
     config.train.length_buckets = buckets
-  assert tuple(evaluate_lib.bucket_config(config)) == expected
+  assert tuple(batches.bucket_config(config)) == expected

@@ -1,5 +1,6 @@
-"""The entrypoints as a new user meets them (issue 14): interrupts, time, workdir rules, errors,
-serving options, help, plots. Each test replays one item of that issue at the command line.
+"""The entrypoints as a new user meets them: interrupts, time, workdir rules, errors, serving
+options, help, plots. The scripts run in this process (helpers_train.run_script) except where
+only a real process shows the behaviour: Ctrl-C, and one exit status as the shell sees it.
 """
 
 import json
@@ -15,17 +16,17 @@ import polars as pl
 import pytest
 
 import helpers_train as helpers
-from helpers_train import trained_run, trained_workdir  # noqa: F401  (fixtures)
+from helpers_train import synthetic_data, trained_run, trained_workdir  # noqa: F401  (fixtures)
 
 from diffurec_jax.lab import report
 from diffurec_jax.training import workdir as workdir_lib
 
 
-def _train(data_root, *flags, **kwargs):
-  return helpers.run_bin("train.py", *flags, data_root=data_root, **kwargs)
+def _train(synthetic_data, *flags, **kwargs):
+  return helpers.run_bin("train.py", *flags, data_root=synthetic_data, **kwargs)
 
 
-# 1. Ctrl-C: one line, exit 130, the rerun resumes ----------------------------------------------
+# Ctrl-C: one line, exit 130, the rerun resumes ----------------------------------------------
 
 
 def _interrupt_when(process, text: str, timeout: float = 240) -> str:
@@ -44,16 +45,15 @@ def _interrupt_when(process, text: str, timeout: float = 240) -> str:
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_and_the_rerun_resumes(data_root, tmp_path):
-  helpers.require_toys(data_root)
+def test_ctrl_c_saves_and_the_rerun_resumes(synthetic_data, tmp_path):
   flags = helpers.cli_flags({"train.num_epochs": 40}) + ["--workdir", str(tmp_path / "run")]
-  env = dict(os.environ, DIFFUREC_DATA=str(data_root), PYTHONUNBUFFERED="1",
+  env = dict(os.environ, DIFFUREC_DATA=str(synthetic_data), PYTHONUNBUFFERED="1",
              **helpers.COMPILATION_CACHE_ENV)
   for expected_start in ("starting a new run", "resuming from epoch"):
     process = subprocess.Popen([sys.executable, str(helpers.REPO / "bin" / "train.py"), *flags],
                                cwd=helpers.REPO, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    out = _interrupt_when(process, "loss")  # The first epoch summary: training is under way.
+    out = _interrupt_when(process, "compiled the train step")  # Training is under way.
     started = time.time()
     rest, err = process.communicate(timeout=60)
     assert process.returncode == 130, err[-3000:]
@@ -65,9 +65,10 @@ def test_ctrl_c_saves_and_the_rerun_resumes(data_root, tmp_path):
   assert not (tmp_path / "run" / "results.json").exists()
 
 
-# 2. Time: epoch i/N, compilation, validation, remaining time ----------------------------------
+# Time: epoch i/N, compilation, validation, remaining time ----------------------------------
 
 
+@pytest.mark.slow
 def test_training_reports_time(trained_run):
   out = trained_run.result.stdout
   assert "starting a new run" in out and "2 epochs of 4 steps" in out
@@ -77,13 +78,14 @@ def test_training_reports_time(trained_run):
   assert "testing the best checkpoint" in out
 
 
-# 8. and 5. Config errors: one sentence, exit 2, before any data is read ------------------------
+# Config errors: one sentence, exit 2, before any data is read ------------------------
 
 
-def test_bad_config_numbers_are_refused_up_front(data_root, tmp_path):
-  result = _train(data_root, "--config", "configs/toys.py:smoke", "--workdir",
+@pytest.mark.slow
+def test_bad_config_numbers_are_refused_up_front(synthetic_data, tmp_path):
+  result = _train(synthetic_data, "--config", "configs/toys.py:smoke", "--workdir",
                   str(tmp_path / "run"), "--config.train.batch_size=0",
-                  "--config.data.max_len=0", "--config.sample.steps=99")
+                  "--config.data.max_len=0", "--config.sample.steps=99", separate_process=True)
   helpers.assert_user_error(result, "train.batch_size=0", "data.max_len=0", "sample.steps=99",
                             "--config.train.batch_size=")
   assert not (tmp_path / "run").exists()  # Nothing read, nothing written.
@@ -94,29 +96,29 @@ def test_bad_config_numbers_are_refused_up_front(data_root, tmp_path):
      ["batchsize", "did you mean", "batch_size"]),
     (["--config", "configs/toys.py:nosuch"], ["Unknown preset", "nosuch", "smoke"]),
 ])
-def test_config_typos_are_one_line(data_root, tmp_path, flags, words):
-  result = _train(data_root, *flags, "--workdir", str(tmp_path / "run"))
+def test_config_typos_are_one_line(synthetic_data, tmp_path, flags, words):
+  result = _train(synthetic_data, *flags, "--workdir", str(tmp_path / "run"))
   helpers.assert_user_error(result, *words)
   assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_verbose_shows_the_traceback(data_root, tmp_path):
-  result = _train(data_root, "--config", "configs/toys.py:smoke", "--workdir",
+def test_verbose_shows_the_traceback(synthetic_data, tmp_path):
+  result = _train(synthetic_data, "--config", "configs/toys.py:smoke", "--workdir",
                   str(tmp_path / "run"), "--config.train.batch_size=0", "--verbose")
   assert result.returncode != 0 and "Traceback" in result.stderr
 
 
-# 3. A workdir where nothing was trained takes a corrected config -------------------------------
+# A workdir where nothing was trained takes a corrected config -------------------------------
 
 
 @pytest.mark.slow
-def test_failed_run_does_not_lock_its_workdir(data_root, tmp_path):
+def test_failed_run_does_not_lock_its_workdir(synthetic_data, tmp_path):
   workdir = tmp_path / "run"
-  failed = _train(data_root, *helpers.cli_flags({"data.user_core": 100000}),
+  failed = _train(synthetic_data, *helpers.cli_flags({"data.user_core": 100000}),
                   "--workdir", str(workdir))
   assert failed.returncode == 2, failed.stderr[-3000:]
   assert (workdir / "config.json").exists()
-  fixed = _train(data_root, *helpers.cli_flags({"train.num_epochs": 1}), "--workdir",
+  fixed = _train(synthetic_data, *helpers.cli_flags({"train.num_epochs": 1}), "--workdir",
                  str(workdir))
   assert fixed.returncode == 0, fixed.stderr[-3000:]
   assert "had no checkpoint: replaced its config.json" in fixed.stdout
@@ -124,31 +126,31 @@ def test_failed_run_does_not_lock_its_workdir(data_root, tmp_path):
   assert json.loads((workdir / "config.json").read_text())["data"]["user_core"] != 100000
 
 
-# 10 (last part). A second process on a live workdir: exit 2, one line ---------------------------
+# A second process on a live workdir: exit 2, one line ---------------------------
 
 
-def test_second_process_on_a_live_workdir_is_refused(data_root, tmp_path):
+def test_second_process_on_a_live_workdir_is_refused(synthetic_data, tmp_path):
   workdir = tmp_path / "run"
   workdir.mkdir()
   with workdir_lib.Lock(str(workdir)):  # As a live training process holds it.
-    result = _train(data_root, *helpers.cli_flags(), "--workdir", str(workdir))
+    result = _train(synthetic_data, *helpers.cli_flags(), "--workdir", str(workdir))
   helpers.assert_user_error(result, "in use by another training process", str(os.getpid()))
   with workdir_lib.Lock(str(workdir)):  # Released: a process that dies frees it too.
     pass
 
 
-# 9. A finished run is never written to --------------------------------------------------------
+# A finished run is never written to --------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_finished_read_only_workdir(trained_workdir, trained_run, data_root, tmp_path):
+def test_finished_read_only_workdir(trained_workdir, trained_run, synthetic_data, tmp_path):
   workdir = helpers.copy_workdir(trained_workdir, tmp_path / "run")
   flags = trained_run.flags[:-2]  # Without "--workdir W".
   before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in workdir.iterdir() if p.is_file()}
   for path in [workdir, *workdir.rglob("*")]:
     path.chmod(path.stat().st_mode & ~0o222)
   try:
-    result = _train(data_root, *flags, "--workdir", str(workdir))
+    result = _train(synthetic_data, *flags, "--workdir", str(workdir))
   finally:
     for path in [workdir, *workdir.rglob("*")]:
       path.chmod(path.stat().st_mode | 0o200)
@@ -158,11 +160,11 @@ def test_finished_read_only_workdir(trained_workdir, trained_run, data_root, tmp
   assert after == before
 
 
-# 11. --help, TensorBoard, a learning-curve PNG -------------------------------------------------
+# --help, TensorBoard, a learning-curve PNG -------------------------------------------------
 
 
-def test_help_lists_presets_and_config_fields(data_root):
-  result = _train(data_root, "--help")
+def test_help_lists_presets_and_config_fields(synthetic_data):
+  result = _train(synthetic_data, "--help")
   assert result.returncode == 0, result.stderr
   for text in ("--workdir", "smoke ", "v2_released", "train.batch_size = 1024",
                "Global batch", "sample.steps = 0"):
@@ -170,22 +172,22 @@ def test_help_lists_presets_and_config_fields(data_root):
 
 
 @pytest.mark.slow
-def test_plot_and_tensorboard_of_a_single_run(trained_workdir, data_root, tmp_path):
+def test_plot_and_tensorboard_of_a_single_run(trained_workdir, synthetic_data, tmp_path):
   assert list(trained_workdir.glob("events.out.tfevents.*"))
   assert (trained_workdir / "figures" / "learning_curve.png").is_file()
   output = tmp_path / "curve.png"
   result = helpers.run_bin("plot.py", "--workdir", str(trained_workdir), "--output", str(output),
-                           data_root=data_root)
+                           data_root=synthetic_data)
   assert result.returncode == 0, result.stderr[-3000:]
   assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_plot_of_an_empty_workdir_is_one_line(data_root, tmp_path):
-  result = helpers.run_bin("plot.py", "--workdir", str(tmp_path), data_root=data_root)
+def test_plot_of_an_empty_workdir_is_one_line(synthetic_data, tmp_path):
+  result = helpers.run_bin("plot.py", "--workdir", str(tmp_path), data_root=synthetic_data)
   helpers.assert_user_error(result, "no training record")
 
 
-# 7. and 6. Serving: --topk range, history excluded, columns, one warning ------------------------
+# Serving: --topk range, history excluded, columns, one warning ------------------------
 
 
 def _histories(trained_workdir, path: pathlib.Path):
@@ -200,24 +202,24 @@ def _histories(trained_workdir, path: pathlib.Path):
 @pytest.mark.slow
 @pytest.mark.parametrize("topk, words", [(0, ["--topk 0", "1 or more"]),
                                          (100000, ["--topk 100000", "fewer"])])
-def test_topk_out_of_range(trained_workdir, data_root, tmp_path, topk, words):
+def test_topk_out_of_range(trained_workdir, synthetic_data, tmp_path, topk, words):
   _histories(trained_workdir, tmp_path / "h.csv")
   result = helpers.run_bin("infer.py", "--workdir", str(trained_workdir), "--input",
                            str(tmp_path / "h.csv"), "--output", str(tmp_path / "r.csv"),
-                           "--topk", str(topk), data_root=data_root)
+                           "--topk", str(topk), data_root=synthetic_data)
   helpers.assert_user_error(result, *words)
   assert not (tmp_path / "r.csv").exists()
 
 
 @pytest.mark.slow
-def test_recommendations_exclude_history(trained_workdir, data_root, tmp_path):
+def test_recommendations_exclude_history(trained_workdir, synthetic_data, tmp_path):
   history, num_items = _histories(trained_workdir, tmp_path / "h.csv")
   frames = {}
   for flag in ("--exclude_history", "--noexclude_history"):
     output = tmp_path / f"{flag}.csv"
     result = helpers.run_bin("infer.py", "--workdir", str(trained_workdir), "--input",
                              str(tmp_path / "h.csv"), "--output", str(output),
-                             "--topk", str(num_items - 3), flag, data_root=data_root)
+                             "--topk", str(num_items - 3), flag, data_root=synthetic_data)
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stderr.splitlines() if "unknown item" in line]
     assert len(warnings) == 1, result.stderr  # Said once.
@@ -229,7 +231,7 @@ def test_recommendations_exclude_history(trained_workdir, data_root, tmp_path):
   assert set(included["item"]) & set(history) and included.height == num_items - 3
 
 
-# 4. Self-contained: published figures ship with the package ------------------------------------
+# Self-contained: published figures ship with the package ------------------------------------
 
 
 def test_published_results_ship_with_the_package(monkeypatch):

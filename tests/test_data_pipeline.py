@@ -1,13 +1,17 @@
 """Dataset, splits, histories, the cache, the registry and the real Beauty figures."""
 
+import functools
 import gzip
 import hashlib
 import os
 import pathlib
+import shutil
+import urllib.parse
 import zipfile
 
 import numpy as np
 import pytest
+import requests  # pooch's transport; its errors are OSErrors.
 
 from diffurec_jax import config as config_lib
 from diffurec_jax import data
@@ -206,15 +210,76 @@ def test_failed_download_says_what_to_put_where(tmp_path, data_config):
   assert "Toys_and_Games.txt" in message and "CIKM2020-S3Rec" in message
 
 
-def test_download_checks_checksum(tmp_path):
+def _from_file_uri(url, output_file, pooch):
+  """A pooch downloader for file:// URLs (no network in tests)."""
+  del pooch
+  shutil.copyfile(urllib.parse.urlparse(url).path, output_file)
+
+
+def test_download_checks_checksum(tmp_path, monkeypatch):
+  monkeypatch.setattr(registry, "DOWNLOAD_RETRIES", 0)
   source = tmp_path / "Beauty.txt"
   source.write_text("1 2 3\n")
   dest = tmp_path / "out" / "Beauty.txt"
-  with pytest.raises(ValueError, match="checksum mismatch"):
-    registry.download(source.as_uri(), dest, "sha256:" + "0" * 64)
+  with pytest.raises(ValueError, match="does not match the known hash"):
+    registry.download(source.as_uri(), dest, "sha256:" + "0" * 64,
+                      pooch_downloader=_from_file_uri)
   assert not dest.exists() and not list(dest.parent.iterdir())
-  registry.download(source.as_uri(), dest, "sha256:" + hashlib.sha256(b"1 2 3\n").hexdigest())
+  registry.download(source.as_uri(), dest, "sha256:" + hashlib.sha256(b"1 2 3\n").hexdigest(),
+                    pooch_downloader=_from_file_uri)
   assert dest.read_text() == "1 2 3\n"
+
+
+def test_checksum_mismatch_is_one_line_error(tmp_path, data_config, monkeypatch):
+  monkeypatch.setattr(registry, "DOWNLOAD_RETRIES", 0)
+  tampered = functools.partial(registry.download, pooch_downloader=(
+      lambda url, output_file, pooch: pathlib.Path(output_file).write_text("not beauty\n")))
+  data_config.name = "beauty"
+  data_config.root = str(tmp_path / "root")
+  data_config.download = True
+  with pytest.raises(data.DataError) as error:
+    data.prepare(data_config, downloader=tampered)
+  message = str(error.value)
+  assert "\n" not in message and "does not match the known hash" in message
+  assert registry.REGISTRY["beauty"][0].checksum in message
+  assert registry.REGISTRY["beauty"][0].url in message
+  assert str(tmp_path / "root" / "beauty" / "s3rec" / "Beauty.txt") in message
+  cache = tmp_path / "xdg" / "diffurec_jax" / "data" / "beauty" / "s3rec"
+  assert not list(cache.iterdir())
+
+
+def test_offline_download_through_pooch_says_what_to_put_where(tmp_path, data_config,
+                                                               monkeypatch):
+  def offline(url, output_file, pooch):
+    raise requests.exceptions.ConnectionError(f"Failed to resolve {url}")
+
+  monkeypatch.setattr(registry, "DOWNLOAD_RETRIES", 0)
+  data_config.name = "ml-1m"
+  data_config.download = True
+  with pytest.raises(data.DataError) as error:
+    data.prepare(data_config, downloader=functools.partial(registry.download,
+                                                           pooch_downloader=offline))
+  message = str(error.value)
+  assert "\n" not in message and "Failed to resolve" in message
+  assert "extract ml-1m/ratings.dat from https://files.grouplens.org" in message
+
+
+def test_download_retries_a_failed_attempt(tmp_path, monkeypatch):
+  source = tmp_path / "Beauty.txt"
+  source.write_text("1 2 3\n")
+  attempts = []
+
+  def flaky(url, output_file, pooch):
+    attempts.append(url)
+    if len(attempts) == 1:
+      raise requests.exceptions.ConnectionError("connection reset")
+    _from_file_uri(url, output_file, pooch)
+
+  monkeypatch.setattr(registry, "DOWNLOAD_RETRIES", 1)
+  dest = tmp_path / "out" / "Beauty.txt"
+  registry.download(source.as_uri(), dest, "sha256:" + hashlib.sha256(b"1 2 3\n").hexdigest(),
+                    pooch_downloader=flaky)
+  assert len(attempts) == 2 and dest.read_text() == "1 2 3\n"
 
 
 def test_custom_without_path_and_unknown_name(data_config):
@@ -254,6 +319,7 @@ def test_download_extracts_archive_member(tmp_path):
     zipped.writestr("ml-1m/README", "readme")
   md5 = hashlib.md5(archive.read_bytes()).hexdigest()
   dest = tmp_path / "data" / "ml-1m" / "ratings.dat"
-  registry.download(archive.as_uri(), dest, "md5:" + md5, "ml-1m/ratings.dat")
+  registry.download(archive.as_uri(), dest, "md5:" + md5, "ml-1m/ratings.dat",
+                    pooch_downloader=_from_file_uri)
   assert dest.read_text() == "1::2::5::3\n"
   assert sorted(path.name for path in dest.parent.iterdir()) == ["ratings.dat"]

@@ -1,8 +1,8 @@
 """The experiment runner and its report: hand-computed analyses, then one smoke-size grid.
 
-The grid (toys: diffurec, v1, v2, sasrec x 2 seeds, plus the steps1 re-evaluation of the
-diffurec runs) is one module fixture: 8 tiny runs that compile a train and an eval step each,
-so the persistent compilation cache is switched on (seed 1 reuses seed 0's executables).
+The grid (diffurec and sasrec x 2 seeds on the session's synthetic data, plus the steps1
+re-evaluation of the diffurec runs) is one module fixture: 4 tiny runs of the session's tiny
+shape (helpers_train), so they reuse the shared run's executables from the persistent cache.
 """
 
 from __future__ import annotations
@@ -13,19 +13,21 @@ import os
 import pathlib
 import time
 
-import jax
 import ml_collections
 import numpy as np
 import pytest
 from scipy import stats
 
+import helpers_train
+
 from diffurec_jax.lab import analysis
 from diffurec_jax.lab import experiment
 from diffurec_jax.lab import report as report_lib
+from diffurec_jax.lab import report_markdown
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-GRID = ("diffurec", "v1", "v2", "sasrec", "steps1")  # As given to --variants.
-VARIANTS = ("diffurec", "v1", "v2", "sasrec", "diffurec+steps1")  # Canonical names.
+GRID = ("diffurec", "sasrec", "steps1")  # As given to --variants.
+VARIANTS = ("diffurec", "sasrec", "diffurec+steps1")  # Canonical names.
 SEEDS = 2
 
 
@@ -139,7 +141,7 @@ def test_extract_overrides_toy():
     ("diffurec", "diffurec", ("diffurec",), 0),
     ("lambda0", "diffurec+lambda0", ("diffurec", "lambda0"), 0),
     ("v2+nopos", "v2+nopos", ("v2", "nopos"), 0),
-    ("v1+smallinit+steps1", "v1+smallinit+steps1", ("v1", "smallinit"), 1),
+    ("v1+nopos+steps1", "v1+nopos+steps1", ("v1", "nopos"), 1),
     ("steps1", "diffurec+steps1", ("diffurec",), 1),
     ("v2+nopos+steps1", "v2+nopos+steps1", ("v2", "nopos"), 1),
 ])
@@ -184,23 +186,12 @@ def test_table4_tests_every_variant_against_each_baseline_once(baselines, expect
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
-  root = pathlib.Path(os.environ.get("DIFFUREC_DATA") or REPO.parent / "shared" / "data")
-  if not (root / "toys").is_dir():
-    pytest.skip(f"No Toys data under {root}; set DIFFUREC_DATA.")
-  if not jax.config.jax_compilation_cache_dir:  # Another module may have set one already.
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jit")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  overrides = {
-      "data.root": str(root), "data.download": False, "data.max_users": 120,
-      "data.max_len": 10, "data.cache_dir": str(tmp_path_factory.mktemp("cache")),
-      "model.hidden": 16, "model.num_blocks": 1, "model.num_heads": 1,
-      "model.diffusion_steps": 32, "sample.steps": 4,
-      "train.num_epochs": 1, "train.max_steps_per_epoch": 2, "train.batch_size": 32,
-      "train.eval_batch_size": 64, "train.length_buckets": (),
-  }
+  # The shared tiny run's config (helpers_train.cli_flags): its diffurec programs are reused.
+  overrides = {**helpers_train.TINY, "data.path": str(helpers_train.SYNTHETIC_LOG),
+               "data.root": str(helpers_train.SYNTHETIC_DIR), "train.num_epochs": 1,
+               "train.max_steps_per_epoch": 2}
   workdir = str(tmp_path_factory.mktemp("grid"))
-  args = (str(REPO / "configs" / "toys.py"), "", overrides, list(GRID), SEEDS, workdir)
+  args = (str(REPO / "configs" / "custom.py"), "smoke", overrides, list(GRID), SEEDS, workdir)
   start = time.time()
   report = experiment.run_experiment(*args, command="test", progress=False)
   return {"args": args, "report": report, "workdir": workdir, "seconds": time.time() - start}
@@ -211,6 +202,7 @@ def per_run(workdir, name):
           for seed in range(SEEDS)]
 
 
+@pytest.mark.slow
 def test_grid_tables_equal_the_runs(grid):
   report, workdir = grid["report"], grid["workdir"]
   assert json.load(open(os.path.join(workdir, "report.json"))) == json.loads(json.dumps(report))
@@ -230,7 +222,7 @@ def test_grid_tables_equal_the_runs(grid):
       assert summary["std"] == float(np.std(values, ddof=1))
     assert report["table3"][name]["best_epochs"] == [run["best_epoch"] for run in runs]
     assert all(run["wall_seconds"] > 0 for run in report["runs"][name])
-  assert report["published"]  # Toys has published reference numbers.
+  assert report["published"] == {}  # None for a custom dataset (test_published_column).
 
 
 def assert_scipy(test, ours, theirs):
@@ -243,6 +235,7 @@ def assert_scipy(test, ours, theirs):
 
 
 @pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")
+@pytest.mark.slow
 def test_grid_ttests_equal_scipy(grid):
   report, workdir = grid["report"], grid["workdir"]
   pairs = {(c["variant"], c["baseline"]) for c in report["table4"]}
@@ -257,28 +250,31 @@ def test_grid_ttests_equal_scipy(grid):
                  [r["test"][k] for k in analysis.RESULT_KEYS for r in theirs])
 
 
+@pytest.mark.slow
 def test_grid_groups_and_answer(grid):
   report, workdir = grid["report"], grid["workdir"]
+  users = len(np.load(os.path.join(workdir, "diffurec", "seed0", "test_ranks.npz"))["ranks"])
   for name in VARIANTS:
     head_tail = report["head_tail"]["variants"][name]
-    assert head_tail["head"]["users"] + head_tail["tail"]["users"] == 120
+    assert head_tail["head"]["users"] + head_tail["tail"]["users"] == users
     groups = report["length_groups"]["variants"][name]["groups"]
-    assert len(groups) == 5 and sum(g["users"] for g in groups) == 120
+    assert len(groups) == 5 and sum(g["users"] for g in groups) == users
     ranks = [np.load(os.path.join(workdir, name, f"seed{s}", "test_ranks.npz"))["ranks"]
              for s in range(SEEDS)]
     # The groups' weighted mean over users gives back the run's own hit@10, seed-averaged.
-    hit = sum(g["hit@10"] * g["users"] for g in groups if g["users"]) / 120
+    hit = sum(g["hit@10"] * g["users"] for g in groups if g["users"]) / users
     assert hit == pytest.approx(np.mean([np.mean(r <= 10) for r in ranks]), abs=1e-12)
     assert hit == pytest.approx(report["table3"][name]["metrics"]["hit@10"]["mean"], abs=1e-12)
   sentence = report["diffusion"]["sentence"]
   assert "diffurec+steps1" in sentence and "lambda0 ablation was not run" in sentence
 
 
+@pytest.mark.slow
 def test_grid_steps1_reevaluates_the_diffurec_runs(grid):
   workdir = grid["workdir"]
   for seed, (source, ablation) in enumerate(zip(per_run(workdir, "diffurec"),
                                                 per_run(workdir, "diffurec+steps1"))):
-    assert (ablation["sample_steps"], source["sample_steps"]) == (1, 4)
+    assert (ablation["sample_steps"], source["sample_steps"]) == (1, 32)
     assert ablation["best_epoch"] == source["best_epoch"]
     assert ablation["reevaluated_from"].endswith(os.path.join("diffurec", f"seed{seed}"))
     assert not os.path.exists(os.path.join(workdir, "diffurec+steps1", f"seed{seed}",
@@ -286,11 +282,12 @@ def test_grid_steps1_reevaluates_the_diffurec_runs(grid):
   assert grid["report"]["runs"]["diffurec+steps1"][0]["train_seconds"] == 0
 
 
+@pytest.mark.slow
 def test_grid_markdown_and_figures(grid):
   workdir = grid["workdir"]
   text = open(os.path.join(workdir, "report.md")).read()
   for heading in ("Table 3", "Table 4", "Head and tail", "History-length groups",
-                  "Does the diffusion component matter?", "published, not measured here",
+                  "Does the diffusion component matter?", "No published reference numbers",
                   "history items masked from the ranking: no", "2 seed(s)", "test"):
     assert heading in text, heading
   for path in grid["report"]["figures"].values():
@@ -298,8 +295,20 @@ def test_grid_markdown_and_figures(grid):
     assert os.path.getsize(os.path.join(workdir, path)) > 1000
 
 
+@pytest.mark.slow
 def test_grid_rerun_skips_training(grid):
   start = time.time()
   report = experiment.run_experiment(*grid["args"], command="test", progress=False)
   assert report == grid["report"]
   assert time.time() - start < 0.5 * grid["seconds"], (time.time() - start, grid["seconds"])
+
+
+def test_published_column():
+  """Table 3 puts a dataset's published figures beside the measured ones, marked and sourced."""
+  metrics = {key: {"mean": 0.5, "std": None} for key in analysis.RESULT_KEYS}
+  report = {"table3": {"diffurec": {"metrics": metrics, "seeds": 1, "best_epochs": [3]}},
+            "published": report_lib.published_results("toys"), "published_source": "papers",
+            "dataset": "toys", "mask_history": False, "seeds": 1, "split": "test"}
+  text = report_markdown.table3_section(report)
+  assert "published, not measured here (source: `papers`)" in text
+  assert all(f"{label} †" in text for label in report["published"])

@@ -8,15 +8,15 @@ import polars as pl
 import pytest
 
 import helpers_train as helpers
-from helpers_train import trained_run, trained_workdir  # noqa: F401  (fixtures)
+from helpers_train import synthetic_data, trained_run, trained_workdir  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow
 
 TOPK = 5
 
 
-def _infer(data_root, *flags):
-  return helpers.run_bin("infer.py", *flags, data_root=data_root)
+def _infer(synthetic_data, *flags):
+  return helpers.run_bin("infer.py", *flags, data_root=synthetic_data)
 
 
 def _last_json(result) -> dict:
@@ -24,8 +24,8 @@ def _last_json(result) -> dict:
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_infer_reproduces_test_metrics(trained_workdir, data_root):
-  printed = _last_json(_infer(data_root, "--workdir", str(trained_workdir)))
+def test_infer_reproduces_test_metrics(trained_workdir, synthetic_data):
+  printed = _last_json(_infer(synthetic_data, "--workdir", str(trained_workdir)))
   results = helpers.read_json(trained_workdir / "results.json")
   assert {k: printed[k] for k in helpers.RESULT_KEYS} == results["test"]
   assert printed["best_epoch"] == results["best_epoch"]
@@ -73,10 +73,10 @@ def _check_recommendations(frame: pl.DataFrame, histories, known: set[str]):
 
 
 @pytest.fixture(scope="module")
-def csv_recommendations(trained_workdir, data_root, original_ids, tmp_path_factory):
+def csv_recommendations(trained_workdir, synthetic_data, original_ids, tmp_path_factory):
   folder = tmp_path_factory.mktemp("recs")
   _write_csv(folder / "histories.csv", original_ids[0])
-  result = _infer(data_root, "--workdir", str(trained_workdir), "--input",
+  result = _infer(synthetic_data, "--workdir", str(trained_workdir), "--input",
                   str(folder / "histories.csv"), "--output", str(folder / "recs.csv"),
                   "--topk", str(TOPK))
   return result, folder / "recs.csv"
@@ -94,13 +94,13 @@ def test_recommend_from_csv_in_original_ids(csv_recommendations, original_ids):
 
 
 def test_recommend_from_jsonl_to_parquet_matches_csv(csv_recommendations, original_ids,
-                                                      trained_workdir, data_root, tmp_path):
+                                                      trained_workdir, synthetic_data, tmp_path):
   histories, known = original_ids
   source = tmp_path / "histories.jsonl"
   source.write_text("".join(json.dumps({"user": u, "items": items}) + "\n"
                             for u, items in histories))
   output = tmp_path / "recs.parquet"
-  result = _infer(data_root, "--workdir", str(trained_workdir), "--input", str(source),
+  result = _infer(synthetic_data, "--workdir", str(trained_workdir), "--input", str(source),
                   "--output", str(output), "--topk", str(TOPK))
   assert _last_json(result)["unknown_items_skipped"] == 3
   assert "skipped 3 unknown item(s)" in result.stderr
@@ -117,15 +117,15 @@ def test_recommend_from_jsonl_to_parquet_matches_csv(csv_recommendations, origin
 # Bad input: one `error:` line, exit status 2 --------------------------------------------------
 
 
-def test_empty_directory_is_not_a_workdir(data_root, tmp_path):
-  helpers.assert_user_error(_infer(data_root, "--workdir", str(tmp_path)),
+def test_empty_directory_is_not_a_workdir(synthetic_data, tmp_path):
+  helpers.assert_user_error(_infer(synthetic_data, "--workdir", str(tmp_path)),
                             "not a diffurec-jax workdir")
 
 
-def test_workdir_without_checkpoint(trained_workdir, data_root, tmp_path):
+def test_workdir_without_checkpoint(trained_workdir, synthetic_data, tmp_path):
   for name in ("config.json", "id_map.npz"):
     (tmp_path / name).write_bytes((trained_workdir / name).read_bytes())
-  helpers.assert_user_error(_infer(data_root, "--workdir", str(tmp_path)),
+  helpers.assert_user_error(_infer(synthetic_data, "--workdir", str(tmp_path)),
                             "no validated checkpoint", "bin/train.py")
 
 
@@ -140,29 +140,29 @@ def _damage(workdir: pathlib.Path, which: str):
   return best
 
 
-def test_corrupt_checkpoint(trained_workdir, data_root, tmp_path):
+def test_corrupt_checkpoint(trained_workdir, synthetic_data, tmp_path):
   workdir = helpers.copy_workdir(trained_workdir, tmp_path / "run")
   best = _damage(workdir, "every file")
-  helpers.assert_user_error(_infer(data_root, "--workdir", str(workdir)),
+  helpers.assert_user_error(_infer(synthetic_data, "--workdir", str(workdir)),
                             "corrupt", str(best))
 
 
-def test_corrupt_checkpoint_arrays(trained_workdir, data_root, tmp_path):
+def test_corrupt_checkpoint_arrays(trained_workdir, synthetic_data, tmp_path):
   # Orbax's metadata still reads; the array reads fail. The message is right, but tensorstore
   # threads may print 'RuntimeError: Event loop is closed' tracebacks around it (not raised,
   # varies from run to run), so only the status and the message are checked here.
   workdir = helpers.copy_workdir(trained_workdir, tmp_path / "run")
   _damage(workdir, "array data")
-  result = _infer(data_root, "--workdir", str(workdir))
+  result = _infer(synthetic_data, "--workdir", str(workdir))
   assert result.returncode == 2, result.stderr[-4000:]
   assert "error: The checkpoint at" in result.stderr and "is corrupt" in result.stderr
 
 
-def test_input_without_output(trained_workdir, data_root, tmp_path):
+def test_input_without_output(trained_workdir, synthetic_data, tmp_path):
   source = tmp_path / "h.csv"
   source.write_text("user,item\na,b\n")
   helpers.assert_user_error(
-      _infer(data_root, "--workdir", str(trained_workdir), "--input", str(source)),
+      _infer(synthetic_data, "--workdir", str(trained_workdir), "--input", str(source)),
       "--input needs --output")
 
 
@@ -171,10 +171,10 @@ def test_input_without_output(trained_workdir, data_root, tmp_path):
     ("blank.jsonl", "\n"),
     ("empty.csv", ""),
 ])
-def test_empty_input_file(trained_workdir, data_root, tmp_path, name, content):
+def test_empty_input_file(trained_workdir, synthetic_data, tmp_path, name, content):
   source = tmp_path / name
   source.write_text(content)
-  result = _infer(data_root, "--workdir", str(trained_workdir), "--input", str(source),
+  result = _infer(synthetic_data, "--workdir", str(trained_workdir), "--input", str(source),
                   "--output", str(tmp_path / "recs.csv"))
   helpers.assert_user_error(result, "holds no interactions", name)
   assert not (tmp_path / "recs.csv").exists()

@@ -2,10 +2,10 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+
+import helpers_train
 
 from diffurec_jax import config as config_lib
 from diffurec_jax.lab import ledger
@@ -114,8 +114,7 @@ def test_report_is_built_from_the_ledger_and_names_no_local_path(tmp_path):
 
 def test_cli_add_and_report(tmp_path):
   work = fake_workdir(str(tmp_path / "w"))
-  run = lambda *args: subprocess.run([sys.executable, os.path.join(ROOT, "bin", "ledger.py"),
-                                      *args], capture_output=True, text=True, cwd=tmp_path)
+  run = lambda *args: helpers_train.run_script("bin/ledger.py", *args, cwd=tmp_path)
   added = run("add", "--workdir", work, "--name", "diffurec", "--command", "c")
   assert added.returncode == 0, added.stderr
   again = run("add", "--workdir", work, "--name", "diffurec")

@@ -121,6 +121,7 @@ def test_host_side_errors():
     metrics.accumulate({"hit@5": 1.0, "count": 1.0}, {"count": 1.0})
 
 
+@pytest.mark.slow
 def test_jit_agrees_with_eager():
   rng = np.random.default_rng(0)
   scores = jnp.asarray(rng.standard_normal((6, 31)), jnp.float32)

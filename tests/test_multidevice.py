@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import helpers_train as helpers
+from helpers_train import synthetic_data  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -19,42 +20,25 @@ pytestmark = pytest.mark.slow
 # validates; writes losses, validation metrics, shardings and the final parameters.
 _SCRIPT = r"""
 import json, sys
-import jax, jax.numpy as jnp, ml_collections, numpy as np
+import jax, ml_collections, numpy as np
 from diffurec_jax import data, evaluate, sharding
-from diffurec_jax.data import batches
 from diffurec_jax.models import bundle as bundle_lib
-from diffurec_jax.models import diffurec as model
-from diffurec_jax import diffusion as schedule
-from diffurec_jax.training import loop as train
 from diffurec_jax.training import state as train_state
-from diffurec_jax.training import optimizer as optimizer_lib
 
 config_path, out = sys.argv[1], sys.argv[2]
 with open(config_path) as f:
   config = ml_collections.ConfigDict(json.load(f))
 dataset = data.prepare(config.data)
-examples, loss_fn, next_items = train_state.training_setup(config, dataset)
-lengths = batches.bucket_lengths(config.data.max_len, evaluate.bucket_config(config))
-plans = batches.epoch_plan((examples.ends - examples.starts).astype(np.int64),
-                           config.train.batch_size, lengths, config.seed, 1,
-                           config.train.max_steps_per_epoch)
-tx = optimizer_lib.make_optimizer(config.train, len(plans))
-bundle = train_state.init_model(config, dataset.num_items)
 mesh = sharding.make_mesh()
-sharding.check_batch_size(config.train.batch_size, mesh)
-state = sharding.replicate(
-    train_state.TrainState(bundle.params, tx.init(bundle.params), jnp.zeros((), jnp.int32)), mesh)
-diffusion = schedule.make_schedule(config.model.schedule, config.model.diffusion_steps)
-step = train_state.make_train_step(loss_fn, bundle.graphdef, tx, **train_state.step_options(config))
-key = jax.random.fold_in(jax.random.key(config.seed), 1)
+run = train_state.build_run(config, dataset, mesh)
+state = sharding.replicate(run.initial_state(), mesh)
 losses = []
-for plan in plans:
-  batch = sharding.shard_batch(
-      batches.build(plan, examples, dataset.items, next_items=next_items), mesh)
-  state, loss = step(state, batch, key, diffusion)
+for plan in run.epoch_plan(1):
+  batch = run.batch(plan)
+  state, loss = run.train_step(state, batch, run.key, run.schedule)
   losses.append(float(loss))
-valid, _ = evaluate.evaluate_split(bundle_lib.Bundle(bundle.graphdef, state.params), dataset,
-                                   "valid", config, mesh, progress=False)
+valid, _ = evaluate.Evaluator(config, dataset, mesh).evaluate(
+    bundle_lib.Bundle(run.bundle.graphdef, state.params), "valid", progress=False)
 paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(state.params))
 np.savez(out + ".npz", *[np.asarray(leaf) for leaf in leaves])
 with open(out + ".json", "w") as f:
@@ -71,12 +55,12 @@ def _env(devices: int) -> dict:
           "JAX_PLATFORMS": "cpu"}
 
 
-def test_four_devices_match_one(data_root, tmp_path):
-  config = helpers.tiny_config(data_root, {"train.max_steps_per_epoch": 3})
+def test_four_devices_match_one(synthetic_data, tmp_path):
+  config = helpers.tiny_config(synthetic_data, {"train.max_steps_per_epoch": 3})
   (tmp_path / "config.json").write_text(config.to_json())
   processes = {}
   for devices in (1, 4):  # Both at once: the two compilations share the 2 cores.
-    env = dict(os.environ, DIFFUREC_DATA=str(data_root), **helpers.COMPILATION_CACHE_ENV,
+    env = dict(os.environ, DIFFUREC_DATA=str(synthetic_data), **helpers.COMPILATION_CACHE_ENV,
                **_env(devices))
     processes[devices] = subprocess.Popen(
         [sys.executable, "-c", _SCRIPT, str(tmp_path / "config.json"),
@@ -107,9 +91,8 @@ def test_four_devices_match_one(data_root, tmp_path):
     assert four["valid"][name] == pytest.approx(one["valid"][name], abs=1e-6), name
 
 
-def test_batch_not_divisible_by_devices(data_root, tmp_path):
-  helpers.require_toys(data_root)
+def test_batch_not_divisible_by_devices(synthetic_data, tmp_path):
   result = helpers.run_bin("train.py", *helpers.cli_flags({"train.batch_size": 30}),
-                           "--workdir", str(tmp_path / "run"), data_root=data_root,
-                           env=_env(4))
+                           "--workdir", str(tmp_path / "run"), data_root=synthetic_data,
+                           env=_env(4), separate_process=True)
   helpers.assert_user_error(result, "train.batch_size=30", "4 devices")

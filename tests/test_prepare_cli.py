@@ -1,22 +1,19 @@
-"""bin/prepare_data.py end to end, in a subprocess: figures, JSON last line, exit codes."""
+"""bin/prepare_data.py end to end (in this process): figures, JSON last line, exit codes."""
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
+
+import helpers_train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run(tmp_path, *flags):
-  env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg"), DIFFUREC_CACHE=str(tmp_path / "c"))
-  env.pop("DIFFUREC_DATA", None)
-  return subprocess.run(
-      [sys.executable, str(REPO / "bin" / "prepare_data.py"), *flags], cwd=REPO, env=env,
-      capture_output=True, text=True, timeout=120)
+  env = {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "DIFFUREC_CACHE": str(tmp_path / "c"),
+         "DIFFUREC_DATA": None}
+  return helpers_train.run_script("bin/prepare_data.py", *flags, env=env)
 
 
 def _custom(path, *flags):

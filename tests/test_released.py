@@ -43,6 +43,7 @@ def _identity_keys(module, hidden):
 
 # --- Linear cross-attention: hand cases ---------------------------------------------------
 
+@pytest.mark.slow
 def test_released_key_softmax_runs_over_the_heads_axis():
   # k = [0, ln 3 | ln 3, 0] (2 heads of 2 features): feature 0 is softmax(0, ln 3) over the two
   # heads = (1/4, 3/4), feature 1 is softmax(ln 3, 0) = (3/4, 1/4).
@@ -159,6 +160,7 @@ def _released_approximator(**overrides):
                                        style=TORCH_STYLE, rngs=nnx.Rngs(7), **switches)
 
 
+@pytest.mark.slow
 def test_released_block_matches_the_transcribed_diffurecsys_block():
   approx = _released_approximator()
   block = approx.blocks[-1]
@@ -222,6 +224,7 @@ def test_parameter_count_by_hand(preset, released):
   assert count == _expected_param_count(HIDDEN, 2, released)
 
 
+@pytest.mark.slow
 def test_released_model_is_jittable_and_finite_in_training_and_evaluation():
   bundle = train_state.init_model(_small("v2_released"), NUM_ITEMS)
   x_t = jnp.asarray(np.random.default_rng(6).standard_normal((4, HIDDEN)), jnp.float32)
@@ -236,6 +239,7 @@ def test_released_model_is_jittable_and_finite_in_training_and_evaluation():
                              rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_released_loss_trains_only_the_last_block():
   config = _small("v2_released")
   bundle = train_state.init_model(config, NUM_ITEMS)

@@ -112,6 +112,7 @@ def naive(bundle, schedule):
 
 @pytest.mark.parametrize("sampler,num_seeds", [
     ("reverse", 1), ("reverse", 3), ("ddim", 1), ("one_step", 3)])
+@pytest.mark.slow
 def test_log_probs_are_distributions_over_items(bundle, schedule, sampler, num_seeds):
   result = log_probs(bundle, HISTORY, USERS, KEY, schedule, sampler=sampler,
                      num_seeds=num_seeds)
@@ -138,11 +139,13 @@ def test_same_key_same_result_other_key_another(bundle, schedule):
 
 
 @pytest.mark.parametrize("sampler", ["reverse", "ddim"])
+@pytest.mark.slow
 def test_scan_chain_equals_a_python_loop(bundle, schedule, naive, sampler):
   scanned = log_probs(bundle, HISTORY, USERS, KEY, schedule, sampler=sampler)
   chex.assert_trees_all_close(scanned, naive(0, sampler), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_seeds_differ(naive):
   members = [naive(seed, "reverse") for seed in range(3)]
   for first in range(3):
@@ -150,6 +153,7 @@ def test_seeds_differ(naive):
       assert max_abs_diff(members[first][:, 1:], members[second][:, 1:]) > 1e-3, (first, second)
 
 
+@pytest.mark.slow
 def test_ensemble_is_the_mean_of_the_seed_distributions(bundle, schedule, naive):
   ensemble = log_probs(bundle, HISTORY, USERS, KEY, schedule, num_seeds=3)
   members = np.stack([np.exp(np.asarray(naive(seed, "reverse"))) for seed in range(3)])

@@ -287,6 +287,7 @@ def test_sinusoidal_embedding_values():
       embedding[0], [math.cos(500), math.cos(5), math.sin(500), math.sin(5)], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_jit_agrees_with_eager():
   schedule = sch.respace("trunc_lin", 32, 8)
   x0, x_t, noise = random_normal(0, (8, 4)), random_normal(1, (8, 4)), random_normal(2, (8, 4))

@@ -1,79 +1,34 @@
 """The accuracy-vs-steps curve (bench/steps.py) on one tiny trained workdir.
 
-One `train_and_evaluate` run on a slice of Toys (module fixture), one `steps_curve` with
-K in (1, 2, 32), reverse and DDIM, 2 seeds, shared by every test; K = 32 = T must reproduce
-`evaluate_split` exactly, and DDIM with eta = 0 must reproduce itself. A model this small
+The session's shared tiny run (helpers_train.trained_workdir) and one `steps_curve` with
+K in (2, 32), reverse and DDIM, 2 seeds, shared by every test; K = 32 = T must reproduce
+`Evaluator.evaluate` exactly, and DDIM with eta = 0 must reproduce itself. A model this small
 scores near 0, so the exactness checks compare every user's rank, not only the metrics.
 """
 
-import importlib.util
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-# Its session-wide persistent compilation cache lets the reruns below (evaluate_split at
+# Its session-wide persistent compilation cache lets the reruns below (the Evaluator at
 # K = 32, DDIM again, the user subset) reuse the curve's compiled steps.
 import helpers_train
+from helpers_train import trained_run, trained_workdir  # noqa: F401  (fixtures)
 
 from diffurec_jax.training import checkpoints as checkpoint
-from diffurec_jax import data as data_lib
 from diffurec_jax import evaluate
-from diffurec_jax import serve as infer
-from diffurec_jax import sharding
 from diffurec_jax.lab import steps_curve as steps_curve_lib
-from diffurec_jax.training import loop as train
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-KS = (1, 2, 32)
+KS = (2, 32)
 SEEDS = 2
-TINY = {
-    "data.max_users": 100,
-    "data.max_len": 10,
-    "data.download": False,
-    "model.hidden": 16,
-    "model.num_blocks": 1,
-    "model.num_heads": 1,
-    "train.num_epochs": 1,
-    "train.max_steps_per_epoch": 2,
-    "train.batch_size": 32,
-    "train.eval_batch_size": 64,
-    "sample.steps": 4,
-    # One padded length (max_len) instead of two: every evaluation step compiles once.
-    "train.length_buckets": (),
-}
-
-
-def _data_root() -> pathlib.Path:
-  default = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
-  root = pathlib.Path(os.environ.get("DIFFUREC_DATA") or default).resolve()
-  if not (root / "toys").is_dir():
-    pytest.skip(f"No Toys data under {root}; set DIFFUREC_DATA.")
-  return root
-
-
-def _toys_config(preset: str):
-  spec = importlib.util.spec_from_file_location("toys_config", REPO / "configs" / "toys.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> pathlib.Path:
-  config = _toys_config("smoke")
-  for name, value in TINY.items():
-    section, field = name.split(".")
-    setattr(config[section], field, value)
-  config.data.root = str(_data_root())
-  config.data.cache_dir = str(tmp_path_factory.mktemp("prepared"))
-  path = tmp_path_factory.mktemp("steps") / "run"
-  train.train_and_evaluate(config, str(path), progress=False)
-  return path
+def workdir(trained_workdir) -> pathlib.Path:
+  """The session's shared tiny run (helpers_train), read only."""
+  return trained_workdir
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +42,7 @@ def _row(curve, sampler, steps):
   return row
 
 
+@pytest.mark.slow
 def test_rows(curve):
   assert [(r["sampler"], r["K"]) for r in curve["rows"]] == (
       [("reverse", k) for k in KS] + [("ddim", k) for k in KS] + [("one_step", None)])
@@ -125,18 +81,18 @@ def test_summarize_mean_and_std_over_seeds():
   assert single["ndcg@10_std"] is None and single["calls"] == 1
 
 
-def test_full_chain_reproduces_evaluate_split(curve, workdir):
-  loaded = infer.load(str(workdir), steps=32, seeds=1)
+@pytest.mark.slow
+def test_full_chain_reproduces_the_evaluator(curve, workdir):
+  expected, per_user, loaded = evaluate.evaluate_workdir(str(workdir), "test", steps=32,
+                                                         seeds=1, progress=False)
   assert loaded.config.sample.sampler == "reverse" and loaded.config.sample.seed == 0
-  dataset = data_lib.prepare(loaded.config.data)
-  expected, per_user = evaluate.evaluate_split(loaded.bundle, dataset, "test", loaded.config,
-                                               sharding.make_mesh(), progress=False)
   row = _row(curve, "reverse", 32)
   assert _without_seconds(row["per_seed"][0]) == _without_seconds(expected)
   np.testing.assert_array_equal(curve["users"], per_user["users"])
   np.testing.assert_array_equal(row["ranks"][0], per_user["ranks"])
 
 
+@pytest.mark.slow
 def test_ddim_eta0_reproduces(curve, workdir):
   again = steps_curve_lib.steps_curve(str(workdir), ks=(2,), samplers=("ddim",), seeds=1,
                                       progress=False, one_step=False, keep_ranks=True)
@@ -147,19 +103,20 @@ def test_ddim_eta0_reproduces(curve, workdir):
   np.testing.assert_array_equal(row["ranks"][0], first["ranks"][0])
 
 
+@pytest.mark.slow
 def test_subset_and_skipped_steps(workdir, curve):
-  result = steps_curve_lib.steps_curve(str(workdir), ks=(1, 64), samplers=("ddim",), seeds=1,
+  result = steps_curve_lib.steps_curve(str(workdir), ks=(2, 64), samplers=("ddim",), seeds=1,
                                        max_users=30, progress=False, one_step=False,
                                        keep_ranks=True)
   assert result["subsampled"] and result["n_users"] == 30 and result["total_users"] > 30
-  assert [(r["sampler"], r["K"]) for r in result["rows"]] == [("ddim", 1)]
+  assert [(r["sampler"], r["K"]) for r in result["rows"]] == [("ddim", 2)]
   (row,) = result["rows"]
   assert row["n_users"] == 30 and row["ndcg@10_std"] is None
   assert "64" in result["notes"][0]
   # The chain noise is keyed per user: a subset ranks its users as the full run does.
   users = result["users"]
   assert len(np.unique(users)) == 30 and np.all(np.diff(users) > 0)
-  np.testing.assert_array_equal(row["ranks"][0], _row(curve, "ddim", 1)["ranks"][0][users])
+  np.testing.assert_array_equal(row["ranks"][0], _row(curve, "ddim", 2)["ranks"][0][users])
 
 
 @pytest.mark.parametrize("changes, words", [
@@ -173,20 +130,20 @@ def test_bad_arguments(tmp_path, changes, words):
     steps_curve_lib.steps_curve(str(tmp_path), **arguments)
 
 
+@pytest.mark.slow
 def test_no_checkpoint(workdir, tmp_path):
   for name in ("config.json", "id_map.npz"):
     (tmp_path / name).write_bytes((workdir / name).read_bytes())
   with pytest.raises(checkpoint.CheckpointError, match="no validated checkpoint"):
     steps_curve_lib.steps_curve(str(tmp_path), ks=(1,), progress=False)
   # The entrypoint turns it into one `error:` line and exit status 2.
-  result = subprocess.run([sys.executable, str(REPO / "bench" / "steps.py"), "--workdir",
-                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, **helpers_train.COMPILATION_CACHE_ENV))
+  result = helpers_train.run_script("bench/steps.py", "--workdir", str(tmp_path))
   assert result.returncode == 2, result.stderr[-3000:]
   assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in (
       result.stderr)
 
 
+@pytest.mark.slow
 def test_report_files(curve, tmp_path):
   command = "python bench/steps.py --workdir W --ks 1,2,32 --seeds 2"
   paths = steps_curve_lib.write_report(curve, str(tmp_path / "steps"), command)
@@ -196,7 +153,7 @@ def test_report_files(curve, tmp_path):
                            for row in curve["rows"]]
   text = pathlib.Path(paths["md"]).read_text()
   assert command in text and f"all {curve['n_users']} users" in text
-  assert "masked from the ranking: no" in text and curve["machine"]["devices"] in text
+  assert "masked from the ranking: no" in text and curve["machine"]["device"] in text
   assert text.count("\n| reverse |") == len(KS) and "| one_step | – | 1 |" in text
   png = pathlib.Path(paths["png"]).read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

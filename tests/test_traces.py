@@ -34,6 +34,7 @@ def _examples():
                                 ends=ends, targets=items[ends])
 
 
+@pytest.mark.slow
 def test_train_step_traces_once_per_shape():
   config = _config()
   items, examples = _examples()

@@ -14,8 +14,10 @@ import time
 import pytest
 
 import helpers_train as helpers
-from helpers_train import trained_run, trained_workdir  # noqa: F401  (fixtures)
+from helpers_train import synthetic_data, trained_run, trained_workdir  # noqa: F401  (fixtures)
 
+from diffurec_jax import evaluate
+from diffurec_jax.data import batches
 from diffurec_jax.training import interrupt
 from diffurec_jax.training import loop as train
 
@@ -57,11 +59,11 @@ def test_train_entrypoint_writes_the_run(trained_run):
 
 
 @pytest.mark.slow
-def test_rerunning_a_finished_run_says_so(trained_workdir, trained_run, data_root):
+def test_rerunning_a_finished_run_says_so(trained_workdir, trained_run, synthetic_data):
   before = {name: (trained_workdir / name).read_bytes()
             for name in ("metrics.jsonl", "results.json")}
   start = time.time()
-  result = helpers.run_bin("train.py", *trained_run.flags, data_root=data_root)
+  result = helpers.run_bin("train.py", *trained_run.flags, data_root=synthetic_data)
   seconds = time.time() - start
   assert result.returncode == 0, result.stderr[-3000:]
   assert "already finished" in result.stdout
@@ -69,6 +71,7 @@ def test_rerunning_a_finished_run_says_so(trained_workdir, trained_run, data_roo
   assert {name: (trained_workdir / name).read_bytes() for name in before} == before
 
 
+@pytest.mark.slow
 def test_selection_on_validation_and_single_test(trained_workdir):
   helpers.assert_selection_consistent(trained_workdir)
 
@@ -82,8 +85,9 @@ def _results_core(results: dict) -> dict:
 
 # eval_every 2: the killed epoch 1 was never validated, and must still have been saved.
 @pytest.mark.parametrize("overrides", [{}, {"train.eval_every": 2}])
-def test_resume_after_kill_equals_uninterrupted_run(data_root, tmp_path, capsys, overrides):
-  config = helpers.tiny_config(data_root, overrides)
+@pytest.mark.slow
+def test_resume_after_kill_equals_uninterrupted_run(synthetic_data, tmp_path, capsys, overrides):
+  config = helpers.tiny_config(synthetic_data, overrides)
   uninterrupted = train.train_and_evaluate(config, str(tmp_path / "a"), progress=False)
 
   killed = tmp_path / "b"
@@ -120,7 +124,7 @@ def _uninterrupted(config, tmp_path_factory) -> tuple[dict, pathlib.Path]:
 
 def _interrupt_with_sigint_at_build(monkeypatch, call: int):
   """A real SIGINT delivered while the trainer builds its `call`-th batch."""
-  original, calls = train.batches_lib.build, []
+  original, calls = batches.build, []
 
   def build(*args, **kwargs):
     calls.append(1)
@@ -128,12 +132,12 @@ def _interrupt_with_sigint_at_build(monkeypatch, call: int):
       signal.raise_signal(signal.SIGINT)
     return original(*args, **kwargs)
 
-  monkeypatch.setattr(train.batches_lib, "build", build)
+  monkeypatch.setattr(batches, "build", build)
 
 
 def _interrupt_first_validation(monkeypatch):
   """Ctrl-C during the first validation (as the signal handler raises it there)."""
-  original, calls = train.evaluate_lib.evaluate_split, []
+  original, calls = evaluate.Evaluator.evaluate, []
 
   def evaluate_split(*args, **kwargs):
     calls.append(1)
@@ -141,15 +145,16 @@ def _interrupt_first_validation(monkeypatch):
       raise interrupt.Interrupted("interrupted by SIGINT")
     return original(*args, **kwargs)
 
-  monkeypatch.setattr(train.evaluate_lib, "evaluate_split", evaluate_split)
+  monkeypatch.setattr(evaluate.Evaluator, "evaluate", evaluate_split)
 
 
 # Mid-epoch (after 2 of 4 steps), by a real SIGINT (during step 3: it finishes), at an epoch boundary (step 4 =
 # position 0 of epoch 2), and during validation: each resumes bit-identically.
 @pytest.mark.parametrize("how", ["steps2", "sigint", "steps4", "validation"])
-def test_resume_after_interrupt_equals_uninterrupted_run(data_root, tmp_path, tmp_path_factory,
+@pytest.mark.slow
+def test_resume_after_interrupt_equals_uninterrupted_run(synthetic_data, tmp_path, tmp_path_factory,
                                                          capsys, monkeypatch, how):
-  config = helpers.tiny_config(data_root)
+  config = helpers.tiny_config(synthetic_data)
   uninterrupted, reference = _uninterrupted(config, tmp_path_factory)
   workdir = tmp_path / "run"
   handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs in background
@@ -187,21 +192,23 @@ def test_resume_after_interrupt_equals_uninterrupted_run(data_root, tmp_path, tm
   helpers.assert_selection_consistent(workdir)
 
 
-def test_a_new_run_says_so(data_root, tmp_path, capsys):
-  config = helpers.tiny_config(data_root, {"train.num_epochs": 1})
+def test_a_new_run_says_so(synthetic_data, tmp_path, capsys):
+  config = helpers.tiny_config(synthetic_data, {"train.num_epochs": 1})
   train.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
   out = capsys.readouterr().out
   assert "starting a new run" in out and "1 epochs of 4 steps" in out
   assert "compiled the train step" in out  # Compilation is announced with its duration.
   assert "epoch   1/1 loss" in out and "so far" in out
-  assert (tmp_path / "run" / "figures" / "learning_curve.png").is_file()
+  # Training draws nothing; bin/train.py writes figures/learning_curve.png (test_cli checks it).
+  assert not (tmp_path / "run" / "figures").exists()
   assert list((tmp_path / "run").glob("events.out.tfevents.*"))  # TensorBoard.
 
 
-def test_early_stopping_when_validation_stops_improving(data_root, tmp_path):
+@pytest.mark.slow
+def test_early_stopping_when_validation_stops_improving(synthetic_data, tmp_path):
   # learning_rate 0 keeps the parameters, so validation repeats exactly and cannot improve:
   # with patience 1 the run stops after its second evaluation, whatever the data.
-  config = helpers.tiny_config(data_root, {"train.learning_rate": 0.0, "train.patience": 1,
+  config = helpers.tiny_config(synthetic_data, {"train.learning_rate": 0.0, "train.patience": 1,
                                            "train.eval_every": 1, "train.num_epochs": 4})
   results = train.train_and_evaluate(config, str(tmp_path), progress=False)
   records = helpers.read_jsonl(tmp_path / "metrics.jsonl")
@@ -216,20 +223,22 @@ def test_early_stopping_when_validation_stops_improving(data_root, tmp_path):
 # Bad runs: one `error:` line, exit status 2 ------------------------------------------------
 
 
-def test_changed_config_on_existing_workdir_is_refused(trained_workdir, data_root, tmp_path):
+@pytest.mark.slow
+def test_changed_config_on_existing_workdir_is_refused(trained_workdir, synthetic_data, tmp_path):
   workdir = tmp_path / "run"
   (workdir / "checkpoints" / "latest" / "1").mkdir(parents=True)  # Something was trained.
   (workdir / "config.json").write_bytes((trained_workdir / "config.json").read_bytes())
   result = helpers.run_bin("train.py", *helpers.cli_flags({"model.hidden": 32}),
-                           "--workdir", str(workdir), data_root=data_root)
+                           "--workdir", str(workdir), data_root=synthetic_data)
   helpers.assert_user_error(result, "different config", "model.hidden")
   assert json.loads((workdir / "config.json").read_text())["model"]["hidden"] == 16
 
 
-def test_non_finite_loss_names_the_step(data_root, tmp_path):
+@pytest.mark.slow
+def test_non_finite_loss_names_the_step(synthetic_data, tmp_path):
   flags = helpers.cli_flags({"train.learning_rate": 1e30, "train.warmup_epochs": 0.0,
                              "train.num_epochs": 1, "train.max_steps_per_epoch": 2})
   result = helpers.run_bin("train.py", *flags, "--workdir", str(tmp_path / "run"),
-                           data_root=data_root)
+                           data_root=synthetic_data)
   helpers.assert_user_error(result, "at step 2", "train.learning_rate")
   assert not (tmp_path / "run" / "results.json").exists()

@@ -16,7 +16,7 @@ from diffurec_jax.models import attention
 from diffurec_jax import config as config_lib
 from diffurec_jax.models import layers
 from diffurec_jax.models import diffurec as model_lib
-from diffurec_jax.training import loop as train
+from diffurec_jax.training import selection
 from diffurec_jax.training import state as train_state
 from tiny_model import HISTORY, NUM_ITEMS
 from flax import nnx
@@ -29,6 +29,7 @@ def tiny_attention():
   return module, x, key_mask
 
 
+@pytest.mark.slow
 def test_a_padding_query_attends_uniformly_to_every_position():
   module, x, key_mask = tiny_attention()
   mask = attention.attention_mask(key_mask, 3, mask_padding_keys=False, causal=False,
@@ -56,6 +57,7 @@ def test_masking_padding_keys_never_reads_them():
     ("diffurec", True, 2 + 5 * 4),   # the default adopts it
     ("diffurec", False, 2 + 4 * 4),  # without the block-output dropout
 ])
+@pytest.mark.slow
 def test_dropout_sites_of_one_training_forward(presets, block_output_dropout, expected_sites,
                                                monkeypatch):
   config = config_lib.apply_presets(config_lib.base_config(), presets)
@@ -79,6 +81,7 @@ def test_dropout_sites_of_one_training_forward(presets, block_output_dropout, ex
     (1e-12, 1.0),                            # the official code's TF-style epsilon
     (1e-6, 1e-4 / math.sqrt(1e-8 + 1e-6)),   # Flax's default shrinks a tiny-variance row
 ])
+@pytest.mark.slow
 def test_layer_norm_epsilon(epsilon, expected):
   norm = layers.layer_norm(4, layers.LayerStyle(layer_norm_eps=epsilon), rngs=nnx.Rngs(0))
   row = jnp.array([[1e-4, -1e-4, 1e-4, -1e-4]])  # mean 0, variance 1e-8
@@ -102,11 +105,12 @@ def test_loss_over_all_columns_counts_the_padding_logit():
     ({"ndcg@10": 0.09, "hit@10": 0.21}, True),   # HR@10 alone improves: 'any' keeps it
 ])
 def test_any_metric_selection(valid, improved):
-  meta = {"best_metric": 0.10, "best_valid": {"ndcg@10": 0.10, "hit@10": 0.20}}
-  assert train._improved(valid, meta, "ndcg@10", "any") == improved
-  assert not train._improved(valid, meta, "ndcg@10", "metric")
+  best = {"ndcg@10": 0.10, "hit@10": 0.20}
+  assert selection.improved(valid, 0.10, best, "ndcg@10", "any") == improved
+  assert not selection.improved(valid, 0.10, best, "ndcg@10", "metric")
 
 
+@pytest.mark.slow
 def test_torch_initialisation_bounds():
   style = layers.LayerStyle(init="torch")
   dense = layers.dense(64, 32, style, rngs=nnx.Rngs(0))

@@ -32,6 +32,18 @@ def bucket_lengths(max_len: int, buckets) -> tuple[int, ...]:
   return tuple(sorted({b for b in buckets if 0 < b < max_len} | {max_len}))
 
 
+def bucket_config(config) -> tuple[int, ...]:
+  """Length buckets are exact only when padding keys are masked and padding queries are not
+  (a padding query reads every position); otherwise pad to max_len."""
+  exact = config.model.mask_padding_keys and not config.model.mask_padding_queries
+  return tuple(config.train.length_buckets) if exact else ()
+
+
+def padded_lengths(config) -> tuple[int, ...]:
+  """The padded history lengths a run's batches take (training and evaluation alike)."""
+  return bucket_lengths(config.data.max_len, bucket_config(config))
+
+
 def assign_buckets(history_lengths: np.ndarray, lengths: tuple[int, ...]) -> np.ndarray:
   """Index of the smallest padded length that holds each history (capped at the last)."""
   return np.minimum(np.searchsorted(np.asarray(lengths), history_lengths, side="left"),

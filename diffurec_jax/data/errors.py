@@ -6,6 +6,8 @@ message is one sentence for a person: what was wrong, where, and what to do.
 Internal invariants use assertions instead.
 """
 
+from diffurec_jax import errors
 
-class DataError(Exception):
+
+class DataError(errors.UserError):
   """Bad input data or data configuration; the message says what to do."""

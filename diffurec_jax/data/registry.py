@@ -8,26 +8,27 @@ A data root holds the raw files in the layout of `shared/data` (see its README):
 
 The root is `config.data.root`, else $DIFFUREC_DATA, else the user cache dir
 (`$XDG_CACHE_HOME/diffurec_jax/data`, default `~/.cache/diffurec_jax/data`).
-A missing primary file is downloaded from its official source into the user cache
-dir (never into the configured root, which may be read-only), checksummed, and
-renamed into place atomically; offline, the error says which file to put where.
+A missing primary file is downloaded with pooch from its official source into the
+user cache dir (never into the configured root, which may be read-only): with a
+progress bar, retried, checked against its known hash, and renamed into place
+atomically; offline, the error says which file to put where.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import pathlib
 import shutil
 import tempfile
-import urllib.request
 import zipfile
-from typing import Callable
+from typing import Any, Callable
 
 from diffurec_jax.data.errors import DataError
 
 _S3REC = "https://raw.githubusercontent.com/RUCAIBox/CIKM2020-S3Rec/master/data/"
+# Attempts after a failed download or checksum; pooch waits 1 s, 2 s, ... between them.
+DOWNLOAD_RETRIES = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +66,8 @@ REGISTRY: dict[str, tuple[Source, ...]] = {
     ),
 }
 
-Downloader = Callable[[str, pathlib.Path, str, str], None]
+Downloader = Callable[[str, pathlib.Path, str, str], None]  # (url, dest, checksum, member).
+PoochDownloader = Callable[[str, str, Any], None]  # (url, output_file, pooch), as pooch calls it.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,51 +94,41 @@ def data_root(data_config) -> pathlib.Path:
   return pathlib.Path(root).expanduser() if root else user_cache_dir() / "data"
 
 
-def _hash_file(path: pathlib.Path, algorithm: str) -> str:
-  digest = hashlib.new(algorithm)
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
+def _fetch(url: str, dest: pathlib.Path, checksum: str,
+           pooch_downloader: PoochDownloader | None) -> None:
+  """Downloads url to dest with pooch: retried, hash-checked, moved into place.
+
+  pooch streams into a temporary file next to dest and renames it only when its
+  hash matches (else it deletes it and raises ValueError); network errors are
+  requests' (OSError). With pooch_downloader None, pooch picks one by protocol.
+  """
+  import pooch  # Only needed when downloading.
+  store = pooch.create(path=dest.parent, base_url="", registry={dest.name: checksum or None},
+                       urls={dest.name: url}, retry_if_failed=DOWNLOAD_RETRIES)
+  store.fetch(dest.name, downloader=pooch_downloader, progressbar=True)
 
 
-def download(url: str, dest: pathlib.Path, checksum: str, member: str = "") -> None:
+def download(url: str, dest: pathlib.Path, checksum: str, member: str = "",
+             pooch_downloader: PoochDownloader | None = None) -> None:
   """Downloads url (with a progress bar), checks it, and renames it to dest.
 
-  For archives, `member` is extracted as dest. Raises OSError or ValueError.
+  For archives, `member` is extracted as dest and the archive is deleted.
+  `pooch_downloader` replaces the one pooch picks for the URL's protocol (tests
+  pass a local one). Raises OSError (network, via requests) or ValueError (hash).
   """
-  import tqdm  # Only needed when downloading.
   dest.parent.mkdir(parents=True, exist_ok=True)
-  temporary = []
-
-  def new_temporary() -> tuple[int, pathlib.Path]:
-    fd, name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-    temporary.append(pathlib.Path(name))
-    return fd, temporary[-1]
-
-  try:
-    fd, fetched = new_temporary()
-    with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-      total = int(response.headers.get("Content-Length") or 0) or None
-      with tqdm.tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
-        for block in iter(lambda: response.read(1 << 16), b""):
-          out.write(block)
-          bar.update(len(block))
-    if checksum:
-      algorithm, expected = checksum.split(":", 1)
-      actual = _hash_file(fetched, algorithm)
-      if actual != expected:
-        raise ValueError(f"{algorithm} checksum mismatch: got {actual}, expected {expected}")
-    if member:
-      fd, extracted = new_temporary()
-      with zipfile.ZipFile(fetched) as archive, archive.open(member) as src, \
-          os.fdopen(fd, "wb") as out:
-        shutil.copyfileobj(src, out)
-      fetched = extracted
-    os.replace(fetched, dest)
-  finally:
-    for path in temporary:
-      path.unlink(missing_ok=True)
+  if not member:
+    _fetch(url, dest, checksum, pooch_downloader)
+    return
+  with tempfile.TemporaryDirectory(prefix=dest.name + ".", suffix=".part",
+                                   dir=dest.parent) as scratch:
+    archive = pathlib.Path(scratch) / url.rsplit("/", 1)[-1]
+    _fetch(url, archive, checksum, pooch_downloader)
+    extracted = pathlib.Path(scratch) / dest.name
+    with zipfile.ZipFile(archive) as zipped, zipped.open(member) as source, \
+        open(extracted, "wb") as out:
+      shutil.copyfileobj(source, out)
+    os.replace(extracted, dest)
 
 
 def _from_config(data_config) -> ReadSpec:

@@ -22,8 +22,9 @@ import ml_collections
 import numpy as np
 
 from diffurec_jax import config as config_lib
+from diffurec_jax import errors
 
-TRAINING_ABLATIONS = ("upstream", "nopos", "lambda0", "smallinit")
+TRAINING_ABLATIONS = ("upstream", "nopos", "lambda0")
 INFERENCE_ABLATIONS = {"steps1": 1}  # Ablation -> sample.steps of the re-evaluation.
 ABLATIONS = TRAINING_ABLATIONS + tuple(INFERENCE_ABLATIONS)
 # Fields the runner owns: overriding them on the command line would break the grid.
@@ -46,25 +47,25 @@ class Variant:
 
 
 def parse_variant(name: str) -> Variant:
-  """'v2+nopos' -> Variant('v2+nopos', ('v2', 'nopos')); bad names raise ValueError."""
+  """'v2+nopos' -> Variant('v2+nopos', ('v2', 'nopos')); bad names raise UsageError."""
   parts = [part.strip() for part in name.split("+") if part.strip()]
   if not parts:
-    raise ValueError(f"Empty variant name in --variants ({name!r}).")
+    raise errors.UsageError(f"Empty variant name in --variants ({name!r}).")
   if parts[0] in ABLATIONS:
     parts = ["diffurec"] + parts
   base, ablations = parts[0], parts[1:]
   known = f"use one of {list(config_lib.VARIANTS)}, optionally +{'/+'.join(ABLATIONS)}"
   if base not in config_lib.VARIANTS:
-    raise ValueError(f"Unknown variant {name!r} in --variants; {known}.")
+    raise errors.UsageError(f"Unknown variant {name!r} in --variants; {known}.")
   unknown = [part for part in ablations if part not in ABLATIONS]
   if unknown or len(set(ablations)) != len(ablations):
-    raise ValueError(f"Bad ablation(s) in variant {name!r}; {known}, each at most once.")
+    raise errors.UsageError(f"Bad ablation(s) in variant {name!r}; {known}, each at most once.")
   if base == "sasrec" and ablations:
-    raise ValueError(f"Variant {name!r}: the ablations change the diffusion model; SASRec has "
+    raise errors.UsageError(f"Variant {name!r}: the ablations change the diffusion model; SASRec has "
                      "none of them.")
   inference = [part for part in ablations if part in INFERENCE_ABLATIONS]
   if len(inference) > 1 or (inference and ablations[-1] != inference[0]):
-    raise ValueError(f"Variant {name!r}: put the one inference ablation last "
+    raise errors.UsageError(f"Variant {name!r}: put the one inference ablation last "
                      f"(e.g. 'v2+nopos+steps1').")
   canonical = "+".join([base] + ablations)
   if inference:
@@ -79,7 +80,7 @@ def parse_variants(names) -> list[Variant]:
   added before it when missing, since its runs must be trained first."""
   requested = [parse_variant(name) for name in names]
   if not requested:
-    raise ValueError("--variants is empty; name at least one, e.g. diffurec,v2,sasrec.")
+    raise errors.UsageError("--variants is empty; name at least one, e.g. diffurec,v2,sasrec.")
   variants = []
   for variant in requested:
     if variant.steps and variant.source not in [v.name for v in variants]:
@@ -100,12 +101,12 @@ def split_config_arg(config_arg: str) -> tuple[str, str]:
 def load_config_module(path: str):
   """The config file as a module with get_config(arg)."""
   if not os.path.isfile(path):
-    raise ValueError(f"Config file {path!r} does not exist; use e.g. configs/toys.py.")
+    raise errors.UsageError(f"Config file {path!r} does not exist; use e.g. configs/toys.py.")
   spec = importlib.util.spec_from_file_location(f"experiment_config_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
-    raise ValueError(f"Config file {path} has no get_config(arg) function.")
+    raise errors.UsageError(f"Config file {path} has no get_config(arg) function.")
   return module
 
 
@@ -138,7 +139,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict):
     node = config
     for part in path + [field]:
       if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        raise ValueError(f"--config.{name} is not a field of the config; see "
+        raise errors.UsageError(f"--config.{name} is not a field of the config; see "
                          "diffurec_jax/config.py for the fields.")
       parent, node = node, node[part]
     parent[field] = tuple(value) if isinstance(value, list) else value
@@ -149,14 +150,14 @@ def check_preset_arg(preset_arg: str):
   names = [name.strip() for name in (preset_arg or "").split(",") if name.strip()]
   variants = [name for name in names if name in config_lib.VARIANTS or name in ABLATIONS]
   if variants:
-    raise ValueError(f"--config presets {variants} choose variants; name them in --variants "
+    raise errors.UsageError(f"--config presets {variants} choose variants; name them in --variants "
                      "instead (e.g. --variants diffurec,v2,lambda0).")
 
 
 def check_overrides(overrides: dict):
   for name, reason in _RUNNER_FIELDS.items():
     if name in overrides:
-      raise ValueError(f"--config.{name} cannot be set here: {reason}.")
+      raise errors.UsageError(f"--config.{name} cannot be set here: {reason}.")
 
 
 def variant_config(module, variant: Variant, preset_arg: str, overrides: dict, seed: int):
@@ -174,24 +175,17 @@ def run_dir(workdir: str, variant_name: str, seed: int) -> str:
 def reevaluate(source: str, workdir: str, steps: int, *, progress: bool = True) -> dict:
   """The test split of the trained run `source` again with sample.steps = `steps`, as an
   ordinary finished workdir (config.json, metrics.jsonl test line, results.json, ranks)."""
-  from diffurec_jax import data as data_lib
   from diffurec_jax import evaluate as evaluate_lib
   from diffurec_jax import sharding
-  from diffurec_jax import serve as infer
   from diffurec_jax.training import workdir as workdir_lib
   finished = workdir_lib.read_json(workdir, "results.json")
   if finished is not None:
     print(f"{workdir}: re-evaluation already finished; results in {workdir}/results.json")
     return finished
-  loaded = infer.load(source, steps=steps)
   main = sharding.is_main_process()
+  test, per_user, loaded = evaluate_lib.evaluate_workdir(source, "test", steps=steps,
+                                                         progress=progress and main)
   workdir_lib.check_or_write_config(workdir, loaded.config, write=main)
-  dataset = data_lib.prepare(loaded.config.data)
-  if dataset.num_items != len(loaded.item_ids) - 1:
-    raise ValueError(f"The prepared data has {dataset.num_items} items but {source} was "
-                     f"trained on {len(loaded.item_ids) - 1}; the raw data changed.")
-  test, per_user = evaluate_lib.evaluate_split(loaded.bundle, dataset, "test", loaded.config,
-                                               sharding.make_mesh(), progress=progress and main)
   results = dict(workdir_lib.read_json(source, "results.json"))
   results.update(test={key: test[key] for key in results["test"]}, test_all=test, valid={},
                  valid_all={}, sample_steps=steps, reevaluated_from=os.path.abspath(source))
@@ -234,14 +228,14 @@ def run_experiment(config_path: str, preset_arg: str, overrides: dict, variants,
   from diffurec_jax.lab import report as report_lib
   from diffurec_jax import sharding
   if int(seeds) < 1:
-    raise ValueError(f"--seeds={seeds} must be at least 1.")
+    raise errors.UsageError(f"--seeds={seeds} must be at least 1.")
   grid = parse_variants(list(variants))
   names = [v.name for v in grid]
   if baselines:
     canonical = [parse_variant(name).name for name in baselines]
     missing = [name for name in canonical if name not in names]
     if missing:
-      raise ValueError(f"--baselines {missing} are not in --variants {names}.")
+      raise errors.UsageError(f"--baselines {missing} are not in --variants {names}.")
   else:
     canonical = list(report_lib.DEFAULT_BASELINES)
   check_preset_arg(preset_arg)

@@ -21,37 +21,17 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import shutil
 
-import jax
+from diffurec_jax import errors
+from diffurec_jax.lab import machine as machine_lib
 
 KINDS = ("run", "trial")
 RUN_FILES = ("config.json", "metrics.jsonl", "results.json")
 
 
-class LedgerError(Exception):
+class LedgerError(errors.UserError):
   """A ledger operation that cannot be done as asked, in one sentence for people."""
-
-
-def machine_info() -> dict:
-  """CPU model and cores (or the accelerator), jax version: where a run was made."""
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
-  device = jax.devices()[0]
-  return {
-      "cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-      else os.cpu_count(),
-      "platform": device.platform, "device": f"{jax.device_count()} x {device.device_kind}",
-      "jax": jax.__version__, "python": platform.python_version(),
-  }
 
 
 def run_dir(root: str, dataset: str, name: str, seed: int) -> str:
@@ -87,7 +67,7 @@ def add_run(workdir: str, root: str, name: str, *, command: str, kind: str = "ru
   if os.path.isdir(evaluations):
     shutil.copytree(evaluations, os.path.join(target, "evaluations"), dirs_exist_ok=True)
   run = {"command": command, "kind": kind, "notes": notes,
-         "machine": machine or machine_info(),
+         "machine": machine or machine_lib.describe(),
          "added": datetime.date.today().isoformat()}
   with open(os.path.join(target, "run.json"), "w") as f:
     json.dump(run, f, indent=2, sort_keys=True)

@@ -13,10 +13,8 @@ import math
 import os
 import statistics
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
 from diffurec_jax.lab import ledger as ledger_lib
+from diffurec_jax.lab import plots
 from diffurec_jax.lab import report as report_lib
 
 HEADLINE = ("hit@10", "ndcg@10")
@@ -113,34 +111,23 @@ def _machine_text(machine: dict) -> str:
 
 def time_to_accuracy_figure(dataset, entries, path):
   """Validation NDCG@10 against wall-clock minutes, one line per run; paper values dashed."""
-  figure = Figure(figsize=(8, 4.5))
-  axis = figure.add_subplot(1, 1, 1)
-  colors = {}
+  curves = []
   for entry in entries:
-    valid = entry.records("valid")
-    points = [(r["wall_s"] / 60, r["ndcg@10"]) for r in valid if r.get("wall_s") is not None]
-    if not points:
-      continue
-    color = colors.setdefault(entry.name, f"C{len(colors) % 10}")
-    style = "--" if entry.kind == "trial" else "-"
-    axis.plot(*zip(*points), style, marker="o", markersize=3, color=color,
-              label=f"{entry.name} s{entry.seed}" + (" (trial)" if entry.kind == "trial" else ""))
-  shown = set()
+    points = [(r["wall_s"] / 60, r["ndcg@10"]) for r in entry.records("valid")
+              if r.get("wall_s") is not None]
+    if points:
+      trial = entry.kind == "trial"
+      curves.append({"name": entry.name, "trial": trial, "points": points,
+                     "label": f"{entry.name} s{entry.seed}" + (" (trial)" if trial else "")})
+  references = {}  # One line per variant with a published row.
   for entry in entries:
     variant = entry.config.get("variant", "diffurec")
     paper = published_row(dataset, variant)
-    if paper and variant not in shown:
-      shown.add(variant)
-      axis.axhline(paper["ndcg@10"], color="gray", linestyle=":", linewidth=1)
-      axis.annotate(f"{_paper_label(dataset, variant)}: test NDCG@10", (0.01, paper["ndcg@10"]),
-                    xycoords=("axes fraction", "data"), fontsize=7, color="gray", va="bottom")
-  axis.set(title=f"{DATASET_TITLES.get(dataset, dataset)}: validation NDCG@10 vs wall-clock",
-           xlabel="wall-clock minutes since the run started (resumes included)",
-           ylabel="validation NDCG@10")
-  axis.legend(fontsize=7, loc="lower right")
-  FigureCanvasAgg(figure)
-  figure.tight_layout()
-  figure.savefig(path, dpi=110)
+    if paper and variant not in references:
+      references[variant] = (f"{_paper_label(dataset, variant)}: test NDCG@10", paper["ndcg@10"])
+  plots.time_to_accuracy(
+      curves, list(references.values()),
+      f"{DATASET_TITLES.get(dataset, dataset)}: validation NDCG@10 vs wall-clock", path)
 
 
 def trial_table(dataset, trials) -> list[str]:

@@ -12,12 +12,12 @@ import importlib.resources
 import json
 import os
 import pathlib
-import platform
 
 import numpy as np
 
 from diffurec_jax.lab import analysis
-from diffurec_jax.lab import figures
+from diffurec_jax.lab import machine as machine_lib
+from diffurec_jax.lab import plots
 from diffurec_jax.training import workdir as workdir_lib
 
 PUBLISHED_LABELS = {
@@ -55,15 +55,6 @@ def published_results(dataset: str) -> dict:
         PUBLISHED_PACKAGE_FILE).read_text()
   entries = json.loads(text).get(dataset, {})
   return {PUBLISHED_LABELS.get(name, name): values for name, values in entries.items()}
-
-
-def machine() -> dict:
-  import jax
-  devices = jax.devices()
-  return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-          "cpu_count": os.cpu_count(), "python": platform.python_version(),
-          "jax": jax.__version__, "backend": jax.default_backend(),
-          "devices": [device.device_kind for device in devices]}
 
 
 def read_run(path: str) -> dict:
@@ -253,12 +244,12 @@ def tsne(runs: dict, workdir: str, path: str) -> dict | None:
   else:
     stored = None
   if stored is None:
-    users, x0 = figures.reconstruct_targets(run_path, TSNE_USERS)
-    coords, labels = figures.tsne_clusters(x0, TSNE_CLUSTERS)
+    users, x0 = plots.reconstruct_targets(run_path, TSNE_USERS)
+    coords, labels = plots.tsne_clusters(x0, TSNE_CLUSTERS)
     stored = {"run": np.str_(relative), "users": users, "coords": coords, "labels": labels}
     np.savez(cache, **stored)
   title = f"t-SNE of reconstructed targets x0: {name} seed 0, {len(stored['users'])} test users"
-  figures.tsne_plot(stored["coords"], stored["labels"], title, path)
+  plots.tsne_plot(stored["coords"], stored["labels"], title, path)
   return {"variant": name, "run": relative, "users": int(len(stored["users"])),
           "clusters": int(len(np.unique(stored["labels"]))),
           "cluster_sizes": [int(n) for n in np.bincount(stored["labels"])]}
@@ -276,7 +267,7 @@ def build_report(workdir: str, variants: list[str], seeds: int, command: str,
   masked = sorted({s["mask_history"] for per_seed in summaries.values() for s in per_seed})
   t3 = table3(runs)
   report = {
-      "command": command, "machine": machine(), "dataset": first["dataset"],
+      "command": command, "machine": machine_lib.describe(), "dataset": first["dataset"],
       "variants": variants, "seeds": seeds,
       "mask_history": masked[0] if len(masked) == 1 else "mixed",
       "runs": summaries, "table3": t3, "baselines": [b for b in baselines if b in t3],
@@ -290,15 +281,15 @@ def build_report(workdir: str, variants: list[str], seeds: int, command: str,
   os.makedirs(directory, exist_ok=True)
   paths = {name: f"figures/{name}.png" for name in
            ("learning_curves", "head_tail", "length_groups", "tsne")}
-  figures.learning_curves({name: [learning_curve(run, seed) for seed, run in enumerate(per_seed)
-                                  if run["results"].get("reevaluated_from") is None]
-                           for name, per_seed in runs.items()},
-                          os.path.join(workdir, paths["learning_curves"]))
-  figures.head_tail_bars(report["head_tail"]["variants"], os.path.join(workdir, paths["head_tail"]))
+  plots.learning_curves({name: [learning_curve(run, seed) for seed, run in enumerate(per_seed)
+                                if run["results"].get("reevaluated_from") is None]
+                         for name, per_seed in runs.items()},
+                        os.path.join(workdir, paths["learning_curves"]))
+  plots.head_tail_bars(report["head_tail"]["variants"], os.path.join(workdir, paths["head_tail"]))
   lengths = report["length_groups"]["variants"]
   labels = analysis.group_labels(lengths[variants[0]]["edges"])
-  figures.length_group_bars({name: table["groups"] for name, table in lengths.items()}, labels,
-                            os.path.join(workdir, paths["length_groups"]))
+  plots.length_group_bars({name: table["groups"] for name, table in lengths.items()}, labels,
+                          os.path.join(workdir, paths["length_groups"]))
   report["tsne"] = tsne(runs, workdir, os.path.join(workdir, paths["tsne"]))
   if report["tsne"] is None:
     del paths["tsne"]

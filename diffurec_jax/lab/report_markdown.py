@@ -40,7 +40,7 @@ def header_section(report: dict) -> str:
   return "\n".join([
       f"# Experiment report: {report['dataset']}", "",
       "Produced by:", "", "```", report["command"], "```", "",
-      f"Machine: {machine['platform']} ({machine['processor']}, {machine['cpu_count']} CPUs); "
+      f"Machine: {machine['os']} ({machine['processor']}, {machine['cpu_count']} CPUs); "
       f"JAX {machine['jax']} on {machine['backend']} ({devices}).", "",
       f"Variants: {', '.join(report['variants'])}. Seeds: {report['seeds']}. "
       f"History items masked from the ranking: {masked(report)}.", ""])

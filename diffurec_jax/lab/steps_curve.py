@@ -3,7 +3,7 @@
 `steps_curve(workdir)` restores the best checkpoint once and evaluates it with every sampler
 ('reverse', 'ddim') at every number of kept steps K (respaced, `sample.steps = K`), once per
 chain seed, plus Algorithm 3's 'one_step' start as a reference. Evaluation is the same
-fixed-shape, bucketed, padded full ranking as `evaluate.evaluate_split` (with every user, the
+fixed-shape, bucketed, padded full ranking as `evaluate.Evaluator` (with every user, the
 numbers are identical), optionally on a fixed random subset of users, the same for every K.
 Wall time is measured after one warm-up call per batch shape, so compilation is excluded
 (and reported separately). `write_report` writes steps.json, steps.md and steps.png.
@@ -14,20 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import statistics
-import time
 
-import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from diffurec_jax.data import batches as batches_lib
-from diffurec_jax.training import checkpoints as checkpoint_lib
-from diffurec_jax import data as data_lib
 from diffurec_jax import evaluate as evaluate_lib
-from diffurec_jax import serve as infer
-from diffurec_jax import metrics
+from diffurec_jax import errors
+from diffurec_jax.lab import machine as machine_lib
 from diffurec_jax import samplers as sample
 from diffurec_jax import sharding
 from diffurec_jax.data import splits
@@ -35,47 +29,6 @@ from diffurec_jax.data import splits
 CURVE_SAMPLERS = ("reverse", "ddim")  # Samplers with a K; 'one_step' is one reference row.
 HEADLINE = ("ndcg@10", "hit@10")
 SUBSET_SEED = 0  # The users of a --max_users subset; fixed so every K sees the same users.
-
-
-def subset_examples(examples: splits.Examples, max_users: int,
-                    seed: int = SUBSET_SEED) -> splits.Examples:
-  """`max_users` examples drawn without replacement (kept in user order); 0 or more = all."""
-  if not max_users or max_users >= len(examples):
-    return examples
-  rng = np.random.default_rng(seed)
-  return examples.take(np.sort(rng.choice(len(examples), max_users, replace=False)))
-
-
-def eval_batches(examples: splits.Examples, items: np.ndarray, config, mesh):
-  """[(Plan, sharded batch)] exactly as evaluate_split builds them: buckets, padded rows."""
-  lengths = batches_lib.bucket_lengths(config.data.max_len, evaluate_lib.bucket_config(config))
-  history_lengths = (examples.ends - examples.starts).astype(np.int64)
-  plans = batches_lib.eval_plan(history_lengths, config.train.eval_batch_size, lengths)
-  return [(plan, sharding.shard_batch(batches_lib.build(plan, examples, items), mesh))
-          for plan in plans]
-
-
-def warm_up(eval_step, bundle, batches, key, schedule) -> float:
-  """Seconds of one call per distinct batch shape (compilation plus one batch each)."""
-  start = time.perf_counter()
-  shapes = {batch["history"].shape: batch for _, batch in batches}
-  jax.block_until_ready([eval_step(bundle, batch, key, schedule) for batch in shapes.values()])
-  return time.perf_counter() - start
-
-
-def evaluate_batches(eval_step, bundle, batches, key, schedule) -> tuple[dict, np.ndarray, float]:
-  """(metrics, ranks [num examples], seconds): every batch dispatched, then one sync."""
-  start = time.perf_counter()
-  outputs = [eval_step(bundle, batch, key, schedule) for _, batch in batches]
-  jax.block_until_ready(outputs)
-  seconds = time.perf_counter() - start
-  totals = {}
-  ranks = np.zeros(sum(int((plan.indices >= 0).sum()) for plan, _ in batches), np.int64)
-  for (plan, _), (sums, batch_ranks) in zip(batches, jax.device_get(outputs)):
-    totals = metrics.accumulate(totals, sums)
-    valid = plan.indices >= 0
-    ranks[plan.indices[valid]] = np.asarray(batch_ranks)[valid]
-  return metrics.finalize(totals), ranks, seconds
 
 
 def _std(values: list[float]) -> float | None:
@@ -103,29 +56,21 @@ def summarize(sampler: str, steps: int | None, per_seed: list[dict], rates: list
 
 def _check_arguments(ks, samplers, seeds, split, max_users, eta):
   if not ks:
-    raise ValueError("No step counts given; pass --ks such as 1,2,4,8,16,32.")
+    raise errors.UsageError("No step counts given; pass --ks such as 1,2,4,8,16,32.")
   bad = [k for k in ks if int(k) != k or k < 1]
   if bad:
-    raise ValueError(f"Step counts must be integers >= 1, got {bad} in --ks.")
+    raise errors.UsageError(f"Step counts must be integers >= 1, got {bad} in --ks.")
   unknown = [s for s in samplers if s not in sample.SAMPLERS]
   if unknown:
-    raise ValueError(f"Unknown sampler(s) {unknown}; choose from {', '.join(sample.SAMPLERS)}.")
+    raise errors.UsageError(f"Unknown sampler(s) {unknown}; choose from {', '.join(sample.SAMPLERS)}.")
   if seeds < 1:
-    raise ValueError(f"--seeds must be at least 1, got {seeds}.")
+    raise errors.UsageError(f"--seeds must be at least 1, got {seeds}.")
   if split not in splits.SPLITS:
-    raise ValueError(f"split must be one of {splits.SPLITS}, got {split!r}.")
+    raise errors.UsageError(f"split must be one of {splits.SPLITS}, got {split!r}.")
   if max_users < 0:
-    raise ValueError(f"--max_users must be 0 (all users) or positive, got {max_users}.")
+    raise errors.UsageError(f"--max_users must be 0 (all users) or positive, got {max_users}.")
   if not 0.0 <= eta <= 1.0:
-    raise ValueError(f"DDIM eta must be in [0, 1], got {eta}.")
-
-
-def machine() -> dict:
-  """Where the timings were taken."""
-  devices = jax.devices()
-  return {"platform": platform.platform(), "processor": platform.processor() or "",
-          "cpu_count": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
-          "devices": f"{len(devices)} x {devices[0].device_kind}"}
+    raise errors.UsageError(f"DDIM eta must be in [0, 1], got {eta}.")
 
 
 def steps_curve(workdir: str, ks=(1, 2, 4, 8, 16, 32), samplers=CURVE_SAMPLERS, seeds: int = 3,
@@ -143,10 +88,10 @@ def steps_curve(workdir: str, ks=(1, 2, 4, 8, 16, 32), samplers=CURVE_SAMPLERS, 
   samplers = tuple(dict.fromkeys(samplers))
   _check_arguments(list(ks), samplers, seeds, split, max_users, eta)
   ks = sorted({int(k) for k in ks})
-  loaded = infer.load(workdir, seeds=1)
+  loaded, dataset = evaluate_lib.load_with_data(workdir, seeds=1)
   config = loaded.config
   if config.variant == "sasrec":
-    raise ValueError(f"{workdir} holds a SASRec run, which has no reverse chain; "
+    raise errors.UsageError(f"{workdir} holds a SASRec run, which has no reverse chain; "
                      "give a diffusion workdir.")
   num_train_steps = config.model.diffusion_steps
   notes = []
@@ -157,20 +102,16 @@ def steps_curve(workdir: str, ks=(1, 2, 4, 8, 16, 32), samplers=CURVE_SAMPLERS, 
   ks = [k for k in ks if k <= num_train_steps]
   curve_samplers = [s for s in samplers if s != "one_step"]
   if curve_samplers and not ks:
-    raise ValueError(f"Every K in --ks exceeds the {num_train_steps} diffusion steps "
+    raise errors.UsageError(f"Every K in --ks exceeds the {num_train_steps} diffusion steps "
                      f"of {workdir}; choose K between 1 and {num_train_steps}.")
   one_step = one_step or "one_step" in samplers
 
-  dataset = data_lib.prepare(config.data)
-  if dataset.num_items != len(loaded.item_ids) - 1:
-    raise checkpoint_lib.CheckpointError(
-        f"The prepared data has {dataset.num_items} items but the model was trained on "
-        f"{len(loaded.item_ids) - 1}; the raw data changed since training.")
   mesh = sharding.make_mesh()
   sharding.check_batch_size(config.train.eval_batch_size, mesh, "train.eval_batch_size")
-  all_examples = splits.eval_examples(dataset, split)
-  examples = subset_examples(all_examples, max_users)
-  batches = eval_batches(examples, dataset.items, config, mesh)
+  evaluator = evaluate_lib.Evaluator(config, dataset, mesh)
+  total_users = len(evaluator.examples(split))
+  examples = evaluator.examples(split, max_users, subset_seed=SUBSET_SEED)
+  batches = evaluator.batches(examples)
   mask_history = bool(config.train.mask_history)
 
   runs = [(s, k) for s in curve_samplers for k in ks] + ([("one_step", None)] if one_step else [])
@@ -180,13 +121,12 @@ def steps_curve(workdir: str, ks=(1, 2, 4, 8, 16, 32), samplers=CURVE_SAMPLERS, 
     bar.set_postfix(sampler=sampler, K=steps)
     run_config = config.copy_and_resolve_references()
     run_config.sample.update(sampler=sampler, steps=steps or 0, seeds=1, eta=eta)
-    eval_step = evaluate_lib.make_eval_step(run_config)
-    schedule = sample.sampling_schedule(run_config)
-    compile_s = warm_up(eval_step, loaded.bundle, batches, jax.random.key(0), schedule)
+    run_evaluator = evaluate_lib.Evaluator(run_config, dataset, mesh)
+    compile_s = run_evaluator.warm_up(loaded.bundle, batches)
     per_seed, rates, ranks = [], [], []
     for seed in range(seeds):
-      result, seed_ranks, seconds = evaluate_batches(eval_step, loaded.bundle, batches,
-                                                     jax.random.key(seed), schedule)
+      result, seed_ranks, seconds = run_evaluator.evaluate_batches(
+          loaded.bundle, batches, run_evaluator.key(seed))
       result["seconds"] = round(seconds, 4)
       per_seed.append(result)
       rates.append(len(examples) / seconds)
@@ -202,10 +142,10 @@ def steps_curve(workdir: str, ks=(1, 2, 4, 8, 16, 32), samplers=CURVE_SAMPLERS, 
       "best_epoch": loaded.epoch, "split": split, "diffusion_steps": num_train_steps,
       "schedule": config.model.schedule, "reverse_variance": config.model.reverse_variance,
       "eta": eta, "seeds": seeds, "ks": ks, "samplers": list(curve_samplers),
-      "n_users": len(examples), "total_users": len(all_examples),
-      "subsampled": len(examples) < len(all_examples), "subset_seed": SUBSET_SEED,
+      "n_users": len(examples), "total_users": total_users,
+      "subsampled": len(examples) < total_users, "subset_seed": SUBSET_SEED,
       "mask_history": mask_history, "eval_batch_size": config.train.eval_batch_size,
-      "machine": machine(), "compile_s": round(sum(r["compile_s"] for r in rows), 3),
+      "machine": machine_lib.describe(), "compile_s": round(sum(r["compile_s"] for r in rows), 3),
       "notes": notes, "rows": rows,
   }
   if keep_ranks:
@@ -253,57 +193,13 @@ def markdown(result: dict, command: str) -> str:
       "users/s is the median over seeds of the device time of the whole split (batches built "
       "and placed beforehand), after a warm-up call per batch shape (compile s is that "
       "warm-up; small when the persistent XLA compilation cache already holds the step)",
-      f"- machine: {machine_info['platform']}, {machine_info['cpu_count']} CPUs, "
-      f"jax {machine_info['jax']} on {machine_info['devices']} ({machine_info['backend']})",
+      f"- machine: {machine_info['os']}, {machine_info['cpu_count']} CPUs, "
+      f"jax {machine_info['jax']} on {machine_info['device']} ({machine_info['backend']})",
       f"- eval batch size {result['eval_batch_size']}",
   ]
   lines += [f"- note: {note}" for note in result["notes"]]
   lines += ["", table(result), ""]
   return "\n".join(lines)
-
-
-def plot(result: dict, path: str):
-  """steps.png: ndcg@10 vs K (log2 axis, error bars = std over seeds) and users/s vs K."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  figure, (accuracy, speed) = plt.subplots(1, 2, figsize=(11, 4.2))
-  colors = {}
-  for sampler in result["samplers"]:
-    rows = [r for r in result["rows"] if r["sampler"] == sampler]
-    steps = [r["K"] for r in rows]
-    errors = [r["ndcg@10_std"] or 0.0 for r in rows]
-    line = accuracy.errorbar(steps, [r["ndcg@10_mean"] for r in rows], yerr=errors, marker="o",
-                             capsize=3, label=sampler)
-    colors[sampler] = line[0].get_color()
-    speed.plot(steps, [r["users_per_s"] for r in rows], marker="o", label=sampler,
-               color=colors[sampler])
-  for row in result["rows"]:
-    if row["sampler"] != "one_step":
-      continue
-    label = "one_step (1 call)"
-    accuracy.axhline(row["ndcg@10_mean"], color="gray", linestyle="--", label=label)
-    if row["ndcg@10_std"]:
-      accuracy.axhspan(row["ndcg@10_mean"] - row["ndcg@10_std"],
-                       row["ndcg@10_mean"] + row["ndcg@10_std"], color="gray", alpha=0.15)
-    speed.axhline(row["users_per_s"], color="gray", linestyle="--", label=label)
-  for axis in (accuracy, speed):
-    axis.set_xscale("log", base=2)
-    if result["ks"]:
-      axis.set_xticks(result["ks"], [str(k) for k in result["ks"]])
-    axis.set_xlabel("reverse steps K")
-    axis.grid(alpha=0.3)
-    axis.legend()
-  users = f"{result['n_users']}-user subset" if result["subsampled"] else "all users"
-  accuracy.set_ylabel(f"{result['split']} ndcg@10 (mean ± std, {result['seeds']} seeds)")
-  accuracy.set_title(f"{result['dataset']} {result['variant']}: accuracy vs K ({users})")
-  speed.set_ylabel("users / s")
-  speed.set_yscale("log")
-  speed.set_title(f"throughput, {result['machine']['devices']}")
-  figure.tight_layout()
-  figure.savefig(path, dpi=120)
-  plt.close(figure)
 
 
 def write_report(result: dict, directory: str, command: str) -> dict[str, str]:
@@ -316,5 +212,6 @@ def write_report(result: dict, directory: str, command: str) -> dict[str, str]:
     json.dump({"command": command, **saved, "rows": rows}, f, indent=2)
   with open(paths["md"], "w") as f:
     f.write(markdown(result, command))
-  plot(result, paths["png"])
+  from diffurec_jax.lab import plots  # matplotlib only for the PNG (pip install '.[report]').
+  plots.accuracy_vs_steps(result, paths["png"])
   return paths

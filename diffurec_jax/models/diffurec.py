@@ -25,7 +25,7 @@ from diffurec_jax.models import attention
 from diffurec_jax.models import bundle as bundle_lib
 from diffurec_jax.models import layers
 from diffurec_jax.models import mixing
-from diffurec_jax import diffusion as schedule_lib
+from diffurec_jax import diffusion
 
 
 def recency_positions(length: int) -> jax.Array:
@@ -82,7 +82,7 @@ class DiffuRec(nnx.Module):
   def step_embedding(self, t):
     """t [B] original timesteps -> d_t [B, H]."""
     hidden = self.step_inner.in_features
-    base = schedule_lib.sinusoidal_embedding(t, hidden, self.num_train_steps)
+    base = diffusion.sinusoidal_embedding(t, hidden, self.num_train_steps)
     return self.step_outer(jax.nn.silu(self.step_inner(base)))
 
   def draw_lambdas(self, key, shape):
@@ -157,8 +157,8 @@ def diffusion_loss(params, graphdef, batch, rng, schedule, noise_config):
   x0 = table[targets]
   t = jax.random.randint(t_key, (batch_size,), 0, schedule.betas.shape[0])
   mode, delta_c, scale = noise_config
-  eps = schedule_lib.training_noise(noise_key, x0.shape, mode, delta_c, scale)
-  x_t = schedule_lib.q_sample(schedule, x0, t, eps)
+  eps = diffusion.training_noise(noise_key, x0.shape, mode, delta_c, scale)
+  x_t = diffusion.q_sample(schedule, x0, t, eps)
   x0_hat = denoise(bundle, batch["history"], x_t, schedule.timesteps[t], model_key, train=True)
   model = bundle_lib.merge(bundle)
   logits = score(x0_hat, table, model.score_scale, keep_padding=model.loss_padding_column)

@@ -12,8 +12,10 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from diffurec_jax import errors
 
-class CheckpointError(Exception):
+
+class CheckpointError(errors.UserError):
   """A missing, corrupt or incompatible checkpoint, in one sentence for people."""
 
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import optax
 
-from diffurec_jax import config_check
-
-LR_SCHEDULES = config_check.LR_SCHEDULES
+# step: torch StepLR (constant without decay epochs). cosine: to 0 at num_epochs.
+LR_SCHEDULES = ("step", "cosine")
 
 
 def learning_rate_schedule(train_config, steps_per_epoch: int):

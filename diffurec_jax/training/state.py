@@ -1,25 +1,35 @@
 """The training step and what it needs: state, fresh parameters, the variant's loss, micro-batching.
 
 `make_train_step` returns one jitted step (state donated, fixed shapes per length bucket,
-per-step RNG by `fold_in(key, step)`); train.py runs the epochs around it.
+per-step RNG by `fold_in(key, step)`). `build_run(config, dataset, mesh)` assembles everything
+a run derives before its first step (examples, bucket lengths, epoch plans, optimizer, fresh
+parameters, the step, the diffusion schedule, the key); training/loop.py runs the epochs
+around it, and the benchmarks and tests build the same run with it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Callable
 
 import flax
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
-from diffurec_jax.training import accumulate
-from diffurec_jax.data import batches as batches_lib
 from diffurec_jax import config as config_lib
+from diffurec_jax import diffusion
+from diffurec_jax import sharding
+from diffurec_jax.data import batches as batches_lib
+from diffurec_jax.data import splits
 from diffurec_jax.models import bundle as bundle_lib
 from diffurec_jax.models import diffurec as model_lib
 from diffurec_jax.models import sasrec as sasrec_lib
-from diffurec_jax.data import splits
+from diffurec_jax.training import accumulate
+from diffurec_jax.training import optimizer as optimizer_lib
 
 
 @flax.struct.dataclass
@@ -80,3 +90,56 @@ def make_train_step(loss_fn, graphdef, tx, *, weight_fn=None, max_tokens: int = 
     return TrainState(params, opt_state, state.step + 1), loss
 
   return jax.jit(train_step, donate_argnums=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSetup:
+  """What a training run derives from (config, dataset, mesh) before its first step."""
+  config: object
+  dataset: object
+  mesh: jax.sharding.Mesh
+  examples: splits.Examples  # Training examples (SASRec: whole sequences).
+  next_items: bool  # SASRec: every position predicts its next item.
+  lengths: tuple[int, ...]  # Padded history lengths: the buckets and max_len.
+  steps_per_epoch: int
+  tx: optax.GradientTransformation
+  bundle: bundle_lib.Bundle  # Fresh parameters (seeded by config.seed) and the graphdef.
+  train_step: Callable  # jit(state, batch, key, schedule) -> (state, loss).
+  schedule: object  # The training diffusion schedule.
+  key: jax.Array  # Step k draws its randomness from fold_in(key, k).
+
+  def epoch_plan(self, epoch: int) -> list:
+    """The batches of `epoch` (1-based): a function of (config.seed, epoch) only."""
+    history_lengths = (self.examples.ends - self.examples.starts).astype(np.int64)
+    return batches_lib.epoch_plan(history_lengths, self.config.train.batch_size, self.lengths,
+                                  self.config.seed, epoch,
+                                  self.config.train.max_steps_per_epoch)
+
+  def batch(self, plan) -> dict:
+    """The plan's batch, built on the host and sharded over the mesh's data axis."""
+    return sharding.shard_batch(batches_lib.build(plan, self.examples, self.dataset.items,
+                                                  next_items=self.next_items), self.mesh)
+
+  def initial_state(self) -> TrainState:
+    """Step 0: fresh parameters and optimizer state (host arrays, not yet replicated)."""
+    params = self.bundle.params
+    return TrainState(params, self.tx.init(params), jnp.zeros((), jnp.int32))
+
+
+def build_run(config, dataset, mesh) -> RunSetup:
+  """The run's examples, plans, optimizer, fresh model, jitted step, schedule and key."""
+  sharding.check_batch_size(config.train.batch_size, mesh)
+  examples, loss_fn, next_items = training_setup(config, dataset)
+  lengths = batches_lib.padded_lengths(config)
+  history_lengths = (examples.ends - examples.starts).astype(np.int64)
+  steps_per_epoch = len(batches_lib.epoch_plan(
+      history_lengths, config.train.batch_size, lengths, config.seed, 1,
+      config.train.max_steps_per_epoch))
+  tx = optimizer_lib.make_optimizer(config.train, steps_per_epoch)
+  bundle = init_model(config, dataset.num_items)
+  return RunSetup(
+      config=config, dataset=dataset, mesh=mesh, examples=examples, next_items=next_items,
+      lengths=tuple(lengths), steps_per_epoch=steps_per_epoch, tx=tx, bundle=bundle,
+      train_step=make_train_step(loss_fn, bundle.graphdef, tx, **step_options(config)),
+      schedule=diffusion.make_schedule(config.model.schedule, config.model.diffusion_steps),
+      key=jax.random.fold_in(jax.random.key(config.seed), 1))

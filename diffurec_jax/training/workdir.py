@@ -15,12 +15,17 @@ import time
 import ml_collections
 import numpy as np
 
+from diffurec_jax import errors
+
 # Fields that may change between a run and its resumption: where data lives, evaluation batch
 # size (results are per-user keyed, so identical), micro-batching (the same update, in less
 # memory; only the random draws are split differently), and num_epochs (to extend a run, or to end
 # it at its last checkpoint: the best-on-validation checkpoint is then tested).
-_RESUMABLE_CHANGES = ("data.root", "data.cache_dir", "data.download", "train.eval_batch_size",
+RESUMABLE_CHANGES = ("data.root", "data.cache_dir", "data.download", "train.eval_batch_size",
                       "train.num_epochs", "train.microbatch_tokens")
+
+# Fields removed since runs were written: read by nothing, so dropping them changes no run.
+_REMOVED_FIELDS = ("sample.topk", "sample.compute_dtype")
 
 # Fields added after runs were written: an old config.json without them gets the value that
 # reproduces how that run was made (the model before the upstream-convention switches had no
@@ -37,16 +42,17 @@ _ADDED_FIELDS = {
 }
 
 
-class WorkdirError(Exception):
+class WorkdirError(errors.UserError):
   """A workdir that cannot be used as asked, in one sentence for people."""
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: dict, prefix: str = "") -> dict:
+  """{'model.hidden': 128, ...} of a nested dict; tuples become lists (as in JSON)."""
   flat = {}
   for name, value in tree.items():
     key = f"{prefix}{name}"
     if isinstance(value, dict):
-      flat.update(_flatten(value, key + "."))
+      flat.update(flatten(value, key + "."))
     else:
       flat[key] = list(value) if isinstance(value, tuple) else value
   return flat
@@ -65,9 +71,13 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def _read_config_json(path: str) -> dict:
-  """config.json as a dict, with fields added since it was written at their defaults."""
+  """config.json as a dict: fields added since it was written at their defaults, fields
+  removed since (they changed nothing) dropped."""
   with open(path) as f:
     payload = json.load(f)
+  for field in _REMOVED_FIELDS:
+    section, name = field.split(".")
+    payload.get(section, {}).pop(name, None)
   for field, default in _ADDED_FIELDS.items():
     section, name = field.split(".")
     payload.setdefault(section, {}).setdefault(name, default)
@@ -87,10 +97,10 @@ def has_checkpoint(workdir: str) -> bool:
 
 def _differences(workdir: str, config) -> list[str]:
   path = os.path.join(workdir, "config.json")
-  new = _flatten(config_dict(config))
-  old = _flatten(_read_config_json(path))
+  new = flatten(config_dict(config))
+  old = flatten(_read_config_json(path))
   differ = sorted(k for k in set(old) | set(new)
-                  if old.get(k) != new.get(k) and k not in _RESUMABLE_CHANGES)
+                  if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
   return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ]
 
 

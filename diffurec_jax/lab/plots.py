@@ -1,9 +1,14 @@
-"""The report's PNG figures (matplotlib, no display needed) and the t-SNE of reconstructions.
+"""Every PNG the package draws (matplotlib, no display needed), and the t-SNE of reconstructions.
 
-Figures are drawn on `matplotlib.figure.Figure` objects (Agg canvas), never through pyplot's
-global state. The t-SNE follows the DiffuRecSys paper's Figure 3: the reconstructed target
-representation x0 of each sampled test user (the first chain of the evaluation, same noise
-keys), embedded in 2-D and coloured by a KMeans clustering of x0 itself.
+One run's learning curve (`learning_curve.plot`), the experiment report's figures (`report`),
+the accuracy-vs-steps curve (`steps_curve.write_report`) and the ledger's time-to-accuracy
+figure (`ledger_report`). The callers gather the numbers; these functions only draw them.
+Figures are drawn on `matplotlib.figure.Figure` objects with an Agg canvas, never through
+matplotlib's global state (no current figure, no backend switch).
+
+The t-SNE follows the DiffuRecSys paper's Figure 3: the reconstructed target representation x0
+of each sampled test user (the first chain of the evaluation, same noise keys), embedded in
+2-D and coloured by a KMeans clustering of x0 itself.
 """
 
 from __future__ import annotations
@@ -16,10 +21,10 @@ from matplotlib.ticker import MaxNLocator
 LINESTYLES = ("-", "--", ":", "-.")
 
 
-def _save(figure: Figure, path: str):
+def _save(figure: Figure, path: str, dpi: int = 110):
   FigureCanvasAgg(figure)
   figure.tight_layout()
-  figure.savefig(path, dpi=110)
+  figure.savefig(path, dpi=dpi)
 
 
 def _colors(names):
@@ -45,6 +50,90 @@ def learning_curves(curves: dict, path: str):
   for axis in (loss_axis, valid_axis):
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
   valid_axis.legend(fontsize=7, loc="best")
+  _save(figure, path)
+
+
+def run_learning_curve(losses: list, valid: dict, selected_epoch: int | None, title: str,
+                       path: str):
+  """One run: losses [(epoch, training loss)], valid {metric: [(epoch, value)]} (metrics
+  without points left out), the selected epoch (None while training) as a dotted line."""
+  figure = Figure(figsize=(10, 3.8))
+  loss_axis, valid_axis = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+  loss_axis.plot(*zip(*losses), marker="o", ms=3)
+  loss_axis.set(xlabel="epoch", ylabel="training loss", title="training loss")
+  for metric, points in valid.items():
+    valid_axis.plot(*zip(*points), marker="o", ms=3, label=metric)
+  if selected_epoch is not None:
+    valid_axis.axvline(selected_epoch, color="grey", ls=":", label="selected epoch")
+  valid_axis.set(xlabel="epoch", ylabel="validation", title="validation")
+  if valid:
+    valid_axis.legend()
+  for axis in (loss_axis, valid_axis):
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+  figure.suptitle(title)
+  _save(figure, path)
+
+
+def accuracy_vs_steps(result: dict, path: str):
+  """steps.png of a `steps_curve` result: ndcg@10 vs K (log2 axis, error bars = std over
+  seeds) and users/s vs K; the 'one_step' row, if any, as a grey reference line."""
+  figure = Figure(figsize=(11, 4.2))
+  accuracy, speed = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+  colors = {}
+  for sampler in result["samplers"]:
+    rows = [r for r in result["rows"] if r["sampler"] == sampler]
+    steps = [r["K"] for r in rows]
+    errors = [r["ndcg@10_std"] or 0.0 for r in rows]
+    line = accuracy.errorbar(steps, [r["ndcg@10_mean"] for r in rows], yerr=errors, marker="o",
+                             capsize=3, label=sampler)
+    colors[sampler] = line[0].get_color()
+    speed.plot(steps, [r["users_per_s"] for r in rows], marker="o", label=sampler,
+               color=colors[sampler])
+  for row in result["rows"]:
+    if row["sampler"] != "one_step":
+      continue
+    label = "one_step (1 call)"
+    accuracy.axhline(row["ndcg@10_mean"], color="gray", linestyle="--", label=label)
+    if row["ndcg@10_std"]:
+      accuracy.axhspan(row["ndcg@10_mean"] - row["ndcg@10_std"],
+                       row["ndcg@10_mean"] + row["ndcg@10_std"], color="gray", alpha=0.15)
+    speed.axhline(row["users_per_s"], color="gray", linestyle="--", label=label)
+  for axis in (accuracy, speed):
+    axis.set_xscale("log", base=2)
+    if result["ks"]:
+      axis.set_xticks(result["ks"], [str(k) for k in result["ks"]])
+    axis.set_xlabel("reverse steps K")
+    axis.grid(alpha=0.3)
+    axis.legend()
+  users = f"{result['n_users']}-user subset" if result["subsampled"] else "all users"
+  accuracy.set_ylabel(f"{result['split']} ndcg@10 (mean ± std, {result['seeds']} seeds)")
+  accuracy.set_title(f"{result['dataset']} {result['variant']}: accuracy vs K ({users})")
+  speed.set_ylabel("users / s")
+  speed.set_yscale("log")
+  speed.set_title(f"throughput, {result['machine']['device']}")
+  _save(figure, path, dpi=120)
+
+
+def time_to_accuracy(curves: list, references: list, title: str, path: str):
+  """Validation NDCG@10 against wall-clock minutes.
+
+  curves: [{'name', 'label', 'trial', 'points': [(minutes, ndcg@10)]}], one colour per name,
+  trials dashed; references: [(label, ndcg@10)], published test values as dotted grey lines.
+  """
+  figure = Figure(figsize=(8, 4.5))
+  axis = figure.add_subplot(1, 1, 1)
+  colors = {}
+  for curve in curves:
+    color = colors.setdefault(curve["name"], f"C{len(colors) % 10}")
+    axis.plot(*zip(*curve["points"]), "--" if curve["trial"] else "-", marker="o", markersize=3,
+              color=color, label=curve["label"])
+  for label, value in references:
+    axis.axhline(value, color="gray", linestyle=":", linewidth=1)
+    axis.annotate(label, (0.01, value), xycoords=("axes fraction", "data"), fontsize=7,
+                  color="gray", va="bottom")
+  axis.set(title=title, xlabel="wall-clock minutes since the run started (resumes included)",
+           ylabel="validation NDCG@10")
+  axis.legend(fontsize=7, loc="lower right")
   _save(figure, path)
 
 
@@ -92,11 +181,11 @@ def reconstruct_targets(workdir: str, max_users: int = 500, seed: int = 0):
   import jax
 
   from diffurec_jax import data as data_lib
-  from diffurec_jax import serve as infer
-  from diffurec_jax import samplers as sample
+  from diffurec_jax import evaluate as evaluate_lib
+  from diffurec_jax import samplers
   from diffurec_jax.models import bundle as bundle_lib
   from diffurec_jax.data import splits
-  loaded = infer.load(workdir)
+  loaded = evaluate_lib.load(workdir)
   config = loaded.config
   dataset = data_lib.prepare(config.data)
   examples = splits.eval_examples(dataset, "test")
@@ -110,14 +199,13 @@ def reconstruct_targets(workdir: str, max_users: int = 500, seed: int = 0):
   def chains(bundle, history, users, key, schedule):
     model = bundle_lib.merge(bundle)
     e, key_mask = model.embed_history(history)
-    seed_key = jax.random.fold_in(key, 0)  # Ensemble member 0, as in evaluation.
-    user_keys = jax.vmap(lambda user: jax.random.fold_in(seed_key, user))(users)
-    return sample.run_chain(model, e, key_mask, history, user_keys, schedule,
+    user_keys = samplers.chain_keys(key, 0, users)  # Ensemble member 0, as in evaluation.
+    return samplers.run_chain(model, e, key_mask, history, user_keys, schedule,
                             sampler=config.sample.sampler, variance=config.model.reverse_variance,
                             eta=config.sample.eta)
 
   x0 = chains(loaded.bundle, history, examples.users.astype(np.int32),
-              jax.random.key(config.sample.seed), sample.sampling_schedule(config))
+              jax.random.key(config.sample.seed), samplers.sampling_schedule(config))
   return examples.users, np.asarray(jax.device_get(x0), dtype=np.float64)
 
 
