@@ -1,0 +1,361 @@
+"""The campaign of issue 18: the plan, each row's status, the grid pick, the budget, the ledger."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from diffurec_jax.lab import campaign
+from diffurec_jax.lab import experiment
+from diffurec_jax.training import workdir as workdir_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+ROW = """
+[[row]]
+dataset = "toys"
+name = "diffurec"
+seed = 0
+kind = "run"
+config = "configs/toys.py:diffurec"
+overrides = ["--config.train.patience=20"]
+estimate_min = 55
+notes = "the default recipe"
+"""
+
+GRID = """
+[[row]]
+dataset = "toys"
+name = "sasrec_d0.2"
+seed = 0
+kind = "trial"
+config = "configs/toys.py:sasrec"
+overrides = ["--config.model.dropout=0.2", "--config.train.learning_rate=2e-3"]
+grid = "sasrec grid"
+estimate_min = 60
+notes = "cell a"
+
+[[row]]
+dataset = "toys"
+name = "sasrec_d0.5"
+seed = 0
+kind = "trial"
+config = "configs/toys.py:sasrec"
+overrides = ["--config.model.dropout=0.5"]
+grid = "sasrec grid"
+estimate_min = 60
+notes = "cell b"
+
+[[row]]
+dataset = "toys"
+name = "sasrec"
+seed = 1
+kind = "run"
+after = "sasrec grid"
+estimate_min = 60
+notes = "tuned"
+"""
+
+
+@pytest.fixture(autouse=True)
+def in_repository(monkeypatch):
+  """Plans name configs/<dataset>.py relative to the repository, as bin/campaign.py runs."""
+  monkeypatch.chdir(ROOT)
+
+
+def write_plan(tmp_path, text):
+  path = tmp_path / "plan.toml"
+  path.write_text(text)
+  return str(path)
+
+
+def fake_workdir(path, row, *, valid_ndcg=0.05, finished=True, changes=None):
+  """A workdir of `row`'s recipe as train.py leaves it (see tests/test_ledger.py)."""
+  os.makedirs(path, exist_ok=True)
+  config_path, presets = experiment.split_config_arg(row.config)
+  config = experiment.load_config_module(config_path).get_config(presets or None)
+  for field, value in dict(row.expect, seed=row.seed, **(changes or {})).items():
+    section, _, name = field.rpartition(".")
+    (config[section] if section else config)[name] = value
+  with open(os.path.join(path, "config.json"), "w") as f:
+    f.write(config.to_json())
+  with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+    for epoch in (1, 2):
+      f.write(json.dumps({"epoch": epoch, "split": "train", "loss": 9.0, "wall_s": 60.0 * epoch})
+              + "\n")
+      f.write(json.dumps({"epoch": epoch, "split": "valid", "ndcg@10": valid_ndcg,
+                          "wall_s": 60.0 * epoch + 5}) + "\n")
+  os.makedirs(os.path.join(path, "checkpoints", "latest", "2"))
+  if finished:
+    with open(os.path.join(path, "results.json"), "w") as f:
+      json.dump({"best_epoch": 2, "epochs_run": 2, "valid": {"ndcg@10": valid_ndcg},
+                 "test": {"hit@10": 0.08, "ndcg@10": 0.04}, "wall_s": 150.0}, f)
+  return path
+
+
+# The plan ----------------------------------------------------------------------------------
+
+
+def test_a_row_parses_with_typed_expectations(tmp_path):
+  (row,) = campaign.load_plan(write_plan(tmp_path, ROW))
+  assert (row.dataset, row.name, row.seed, row.kind, row.device) == (
+      "toys", "diffurec", 0, "run", "cpu")
+  assert dict(row.expect) == {"variant": "diffurec", "train.patience": 20,
+                              "train.batch_size": 512, "data.max_len": 50}
+  (_, cell, _) = campaign.load_plan(write_plan(tmp_path, GRID))
+  assert {"variant": "sasrec", "model.dropout": 0.5, "model.hidden": 64}.items() <= dict(
+      cell.expect).items()
+
+
+@pytest.mark.parametrize("text, message", [
+    (ROW.replace("seed = 0", "seeds = [0]"), "unknown field 'seeds'"),
+    (ROW.replace("estimate_min = 55", ""), "missing field 'estimate_min'"),
+    (ROW.replace('config = "configs/toys.py:diffurec"', ""), "missing field 'config'"),
+    (ROW + ROW, "duplicate row toys diffurec seed0"),
+    (ROW.replace("configs/toys.py", "configs/nowhere.py"), "does not exist"),
+    (ROW.replace('dataset = "toys"', 'dataset = "beauty"'), "is the 'toys' config, not 'beauty'"),
+    (ROW.replace(":diffurec", ":diffurec,fast"), "Unknown preset"),
+    (ROW.replace('kind = "run"', 'kind = "final"'), "kind 'final'"),
+    (ROW.replace("seed = 0", 'seed = "0"'), "'seed' = '0' has the wrong type"),
+    (ROW.replace("patience=20", "patiense=20"), "names no config field"),
+    (ROW.replace("patience=20", "patience=many"), "is not a int"),
+    (ROW.replace("--config.train.patience=20", "train.patience=20"), "is not --config.<field>="),
+    (ROW.replace("train.patience=20", "seed=1"), "the row's `seed` field"),
+    (ROW.replace("estimate_min = 55", 'estimate_min = 55\ndevice = "tpu"'), "device 'tpu'"),
+    (ROW.replace("estimate_min = 55", 'estimate_min = 55\nafter = "grid"'), "remove config"),
+    (GRID.replace('grid = "sasrec grid"', 'grid = "other"'), "no toys row has grid"),
+    (ROW.replace("[[row]]", "[row]"), "must hold [[row]] tables"),
+    ("title = 'x'\n" + ROW, "found ['title']"),
+    (ROW.replace('notes = "the default recipe"', "notes = "), "is not valid TOML"),
+])
+def test_a_malformed_plan_is_one_clear_error(tmp_path, text, message):
+  with pytest.raises(campaign.CampaignError, match=message.replace("[", r"\[").replace(
+      "(", r"\(")) as error:
+    campaign.load_plan(write_plan(tmp_path, text))
+  assert "\n" not in str(error.value)
+
+
+def test_the_command_adds_the_seed_after_the_config():
+  row = campaign.Row("toys", "v1", 2, "run", 75.0, "", config="configs/toys.py:v1",
+                     overrides=("--config.data.max_len=50",))
+  assert campaign.command_text(row, "runs") == (
+      "python bin/train.py --config configs/toys.py:v1 --config.seed=2 "
+      "--config.data.max_len=50 --workdir runs/toys_v1_seed2")
+  seed0 = campaign.Row("toys", "diffurec", 0, "run", 55.0, "", config="configs/toys.py")
+  assert campaign.command(seed0, "r") == [
+      "python", "bin/train.py", "--config", "configs/toys.py", "--workdir", "r/toys_diffurec_seed0"]
+
+
+# Status ------------------------------------------------------------------------------------
+
+
+def states(rows, root, runs):
+  return [(s.row.name, s.row.seed, s.state) for s in campaign.statuses(rows, root, runs)]
+
+
+def test_status_classifies_every_state(tmp_path):
+  rows = campaign.load_plan(write_plan(tmp_path, "\n".join(
+      ROW.replace("seed = 0", f"seed = {seed}") for seed in range(7)) + ROW.replace(
+          "seed = 0", 'seed = 7\ndevice = "gpu"')))
+  root, runs = str(tmp_path / "results"), str(tmp_path / "runs")
+  ledger_entry = fake_workdir(rows[0].ledger_dir(root), rows[0])  # 0: done
+  os.remove(os.path.join(ledger_entry, "results.json"))  # a trial-like entry is done too
+  fake_workdir(rows[1].workdir(runs), rows[1], finished=False)  # 1: running
+  fake_workdir(rows[2].workdir(runs), rows[2], finished=False)  # 2: partial
+  fake_workdir(rows[3].workdir(runs), rows[3])  # 3: finished, not in the ledger
+  fake_workdir(rows[4].ledger_dir(root), rows[4], changes={"train.patience": 5})  # 4: conflict
+  fake_workdir(rows[5].workdir(runs), rows[5], finished=False,
+               changes={"variant": "v1"})  # 5: a workdir of another recipe: conflict
+  with workdir_lib.Lock(rows[1].workdir(runs)):
+    result = campaign.statuses(rows, root, runs)
+  assert [s.state for s in result] == ["done", "running", "partial", "finished", "conflict",
+                                       "conflict", "missing", "gpu"]
+  assert f"pid {os.getpid()}" in result[1].detail
+  assert "epoch 2/20, 2 min trained" in result[2].detail
+  assert result[2].remaining_min == pytest.approx(55 - 125 / 60)
+  assert "train.patience 5, the plan says 20" in result[4].detail
+  assert campaign.lock_owner(rows[1].workdir(runs)) is None  # Released with the lock.
+  table = campaign.status_table(result, runs)
+  assert "totals: 1 done, 1 running, 1 partial, 1 finished, 2 conflict, 1 missing, 1 gpu" in table
+  assert "python bin/train.py --config configs/toys.py:diffurec --config.seed=7" in table
+
+
+def test_resumable_fields_are_not_conflicts(tmp_path):
+  (row,) = campaign.load_plan(write_plan(tmp_path, ROW.replace(
+      '"--config.train.patience=20"',
+      '"--config.train.patience=20", "--config.train.num_epochs=300"')))
+  folder = fake_workdir(str(tmp_path / "entry"), row, changes={"train.num_epochs": 56})
+  assert campaign.recipe_differences(row, folder) == []
+
+
+def test_a_preset_is_part_of_the_recipe(tmp_path):
+  (plain,) = campaign.load_plan(write_plan(tmp_path, ROW))
+  (lambda0,) = campaign.load_plan(write_plan(tmp_path, ROW.replace(":diffurec", ":lambda0")))
+  assert dict(lambda0.expect)["model.lambda_mean"] == 0.0
+  folder = fake_workdir(str(tmp_path / "entry"), plain)
+  assert campaign.recipe_differences(lambda0, folder)[0].startswith("model.lambda_mean 0.001")
+
+
+# The tuning grid ---------------------------------------------------------------------------
+
+
+def test_tuned_rows_wait_for_the_grid_then_take_its_best_cell(tmp_path):
+  rows = campaign.load_plan(write_plan(tmp_path, GRID))
+  root, runs = str(tmp_path / "results"), str(tmp_path / "runs")
+  fake_workdir(rows[0].ledger_dir(root), rows[0], valid_ndcg=0.052)
+  assert states(rows, root, runs)[2] == ("sasrec", 1, "waiting")
+  fake_workdir(rows[1].workdir(runs), rows[1], valid_ndcg=0.049)  # finished, not in the ledger
+  pick = campaign.grid_pick(rows, "toys", "sasrec grid", root, runs)
+  assert (pick.cell.name, pick.ndcg, pick.finished) == ("sasrec_d0.2", 0.052, 2)
+  tuned = campaign.classify(rows[2], rows, root, runs)
+  assert tuned.state == "missing"
+  assert campaign.command_text(tuned.row, runs).endswith(
+      "--config configs/toys.py:sasrec --config.seed=1 --config.model.dropout=0.2 "
+      f"--config.train.learning_rate=2e-3 --workdir {runs}/toys_sasrec_seed1")
+  assert "Grid pick: sasrec_d0.2" in tuned.row.notes
+
+
+def test_same_as_counts_an_entry_of_the_same_recipe(tmp_path):
+  rows = campaign.load_plan(write_plan(tmp_path, GRID.replace(
+      'notes = "cell b"', 'notes = "cell b"\nsame_as = "sasrec"')))
+  root, runs = str(tmp_path / "results"), str(tmp_path / "runs")
+  fake_workdir(rows[1].ledger_dir(root, "sasrec"), rows[1], valid_ndcg=0.06)
+  assert states(rows, root, runs)[1] == ("sasrec_d0.5", 0, "done")
+  fake_workdir(rows[0].workdir(runs), rows[0], valid_ndcg=0.05)
+  assert campaign.grid_pick(rows, "toys", "sasrec grid", root, runs).cell.name == "sasrec_d0.5"
+
+
+# The runner --------------------------------------------------------------------------------
+
+
+class FakeClock:
+  def __init__(self):
+    self.seconds = 1000.0
+
+  def __call__(self):
+    return self.seconds
+
+
+class FakeTraining:
+  """Stands in for `python bin/train.py`: takes `minutes`, then leaves a finished workdir."""
+
+  def __init__(self, clock, rows, minutes):
+    self.clock, self.rows, self.minutes = clock, rows, minutes
+    self.started, self.signals = [], []
+
+  def __call__(self, argv, log_path):
+    assert argv[1] == "bin/train.py" and log_path.endswith(".log")
+    self.started.append(argv)
+    self.workdir = argv[argv.index("--workdir") + 1]
+    return self
+
+  def wait(self, timeout=None):
+    if self.signals:
+      return 130
+    if timeout is not None and self.minutes * 60 > timeout:
+      self.clock.seconds += timeout
+      raise subprocess.TimeoutExpired("train", timeout)
+    self.clock.seconds += self.minutes * 60
+    (row,) = [r for r in self.rows if self.workdir.endswith(f"{r.dataset}_{r.name}_seed{r.seed}")]
+    fake_workdir(self.workdir, row)
+    return 0
+
+  def send_signal(self, number):
+    self.signals.append(number)
+
+  def kill(self):
+    self.signals.append("kill")
+
+
+def run(tmp_path, plan_text, budget_min, minutes, **kwargs):
+  plan = write_plan(tmp_path, plan_text)
+  rows = campaign.load_plan(plan)
+  clock, lines = FakeClock(), []
+  training = FakeTraining(clock, rows, minutes)
+  code = campaign.run_campaign(plan, root=str(tmp_path / "results"), runs=str(tmp_path / "runs"),
+                               report="", budget_min=budget_min, start=training, clock=clock,
+                               out=lines.append, **kwargs)
+  return code, training, lines, rows
+
+
+def test_a_row_that_does_not_fit_is_not_started(tmp_path):
+  code, training, lines, _ = run(tmp_path, ROW, budget_min=50, minutes=40)
+  assert code == 0 and not training.started
+  assert "next: toys diffurec seed0 needs ~55 min, 50 min of the budget left: not started" in (
+      lines[-1])
+
+
+def test_a_finished_run_is_added_to_the_ledger_with_its_command(tmp_path):
+  two = ROW + ROW.replace("seed = 0", "seed = 1")
+  code, training, lines, rows = run(tmp_path, two, budget_min=100, minutes=50)
+  assert code == 0 and len(training.started) == 1  # 50 min left: the second (55) does not fit.
+  entry = rows[0].ledger_dir(str(tmp_path / "results"))
+  record = json.load(open(os.path.join(entry, "run.json")))
+  assert record["command"] == campaign.command_text(rows[0], str(tmp_path / "runs"))
+  assert (record["kind"], record["notes"]) == ("run", "the default recipe")
+  assert any("finished toys diffurec seed0 in 50 min" in line for line in lines)
+  assert "[+50 min, 50 min left] next: toys diffurec seed1 needs ~55 min" in lines[-1]
+  assert campaign.classify(rows[0], rows, str(tmp_path / "results"),
+                           str(tmp_path / "runs")).state == "done"
+
+
+def test_finished_workdirs_are_added_first_and_the_report_rebuilt(tmp_path):
+  plan = write_plan(tmp_path, ROW)
+  (row,) = campaign.load_plan(plan)
+  root, runs, report = (str(tmp_path / name) for name in ("results", "runs", "results.md"))
+  fake_workdir(row.workdir(runs), row)
+  lines = []
+  campaign.run_campaign(plan, root=root, runs=runs, report=report, budget_min=10,
+                        start=None, out=lines.append)
+  assert os.path.exists(os.path.join(row.ledger_dir(root), "run.json"))
+  assert os.path.exists(report)
+  assert any("added the finished" in line for line in lines)
+
+
+def test_the_budget_running_out_interrupts_the_run(tmp_path):
+  code, training, lines, rows = run(tmp_path, ROW, budget_min=60, minutes=80)
+  assert code == 0 and training.signals == [signal.SIGINT]
+  assert any("budget spent: sending SIGINT to toys diffurec seed0" in line for line in lines)
+  assert not os.path.exists(rows[0].ledger_dir(str(tmp_path / "results")))
+
+
+def test_a_real_run_stops_on_sigint(tmp_path):
+  """launch + stop on a real process that exits 130 on SIGINT, as bin/train.py does."""
+  log = str(tmp_path / "logs" / "run.log")
+  child = ("import sys, time\nprint('ready', flush=True)\n"
+           "try:\n  time.sleep(60)\nexcept KeyboardInterrupt:\n  sys.exit(130)\n")
+  process = campaign.launch([sys.executable, "-c", child], log)
+  for _ in range(500):
+    if os.path.getsize(log):
+      break
+    time.sleep(0.01)
+  runner = campaign.Campaign([], root="", runs="", report="", budget_min=1, out=print)
+  assert runner.stop(process) == 130
+
+
+def test_dry_run_starts_nothing(tmp_path):
+  code, training, lines, _ = run(tmp_path, ROW + ROW.replace("seed = 0", "seed = 1"),
+                                 budget_min=120, minutes=1, dry_run=True)
+  assert code == 0 and not training.started
+  assert [line.split("] ", 2)[-1].split(" (")[0] for line in lines[1:]] == [
+      "would run toys diffurec seed0", "would run toys diffurec seed1",
+      "no cpu row left to start"]
+
+
+# The real plan -----------------------------------------------------------------------------
+
+
+def test_the_real_plan_parses_and_its_finished_rows_are_done(tmp_path):
+  rows = campaign.load_plan(os.path.join(ROOT, "results", "plan.toml"))
+  root = os.path.join(ROOT, "results")
+  in_ledger = [row for row in rows if os.path.isdir(row.ledger_dir(root)) or (
+      row.same_as and os.path.isdir(row.ledger_dir(root, row.same_as)))]
+  assert {(row.dataset, row.name, row.seed) for row in in_ledger} >= {
+      ("toys", "diffurec", 0), ("toys", "v1", 0), ("toys", "v2", 0), ("toys", "sasrec", 0)}
+  for row in in_ledger:
+    assert campaign.classify(row, rows, root, str(tmp_path)).state == "done", row.label
+  assert all(row.device == "gpu" for row in rows if row.estimate_min > 150)
