@@ -195,16 +195,21 @@ def test_download_goes_to_user_cache(tmp_path, data_config):
   data.prepare(data_config, downloader=None)
 
 
+def _download_error(data_config, tmp_path, name: str, downloader) -> str:
+  """The DataError message of preparing registered dataset `name` with `downloader`."""
+  data_config.name = name
+  data_config.root = str(tmp_path / "root")
+  data_config.download = True
+  with pytest.raises(data.DataError) as error:
+    data.prepare(data_config, downloader=downloader)
+  return str(error.value)
+
+
 def test_failed_download_says_what_to_put_where(tmp_path, data_config):
   def offline(url, dest, checksum, member):
     raise OSError("network is unreachable")
 
-  data_config.name = "toys"
-  data_config.root = str(tmp_path / "root")
-  data_config.download = True
-  with pytest.raises(data.DataError) as error:
-    data.prepare(data_config, downloader=offline)
-  message = str(error.value)
+  message = _download_error(data_config, tmp_path, "toys", offline)
   assert "network is unreachable" in message
   assert str(tmp_path / "root" / "toys" / "s3rec" / "Toys_and_Games.txt") in message
   assert "Toys_and_Games.txt" in message and "CIKM2020-S3Rec" in message
@@ -234,12 +239,7 @@ def test_checksum_mismatch_is_one_line_error(tmp_path, data_config, monkeypatch)
   monkeypatch.setattr(registry, "DOWNLOAD_RETRIES", 0)
   tampered = functools.partial(registry.download, pooch_downloader=(
       lambda url, output_file, pooch: pathlib.Path(output_file).write_text("not beauty\n")))
-  data_config.name = "beauty"
-  data_config.root = str(tmp_path / "root")
-  data_config.download = True
-  with pytest.raises(data.DataError) as error:
-    data.prepare(data_config, downloader=tampered)
-  message = str(error.value)
+  message = _download_error(data_config, tmp_path, "beauty", tampered)
   assert "\n" not in message and "does not match the known hash" in message
   assert registry.REGISTRY["beauty"][0].checksum in message
   assert registry.REGISTRY["beauty"][0].url in message
@@ -254,12 +254,8 @@ def test_offline_download_through_pooch_says_what_to_put_where(tmp_path, data_co
     raise requests.exceptions.ConnectionError(f"Failed to resolve {url}")
 
   monkeypatch.setattr(registry, "DOWNLOAD_RETRIES", 0)
-  data_config.name = "ml-1m"
-  data_config.download = True
-  with pytest.raises(data.DataError) as error:
-    data.prepare(data_config, downloader=functools.partial(registry.download,
-                                                           pooch_downloader=offline))
-  message = str(error.value)
+  message = _download_error(data_config, tmp_path, "ml-1m", functools.partial(
+      registry.download, pooch_downloader=offline))
   assert "\n" not in message and "Failed to resolve" in message
   assert "extract ml-1m/ratings.dat from https://files.grouplens.org" in message
 
