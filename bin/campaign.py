@@ -30,6 +30,8 @@ _REPORT = flags.DEFINE_string("report", "docs/results.md",
 
 def main(argv):
   del argv  # No cli.setup(): the campaign computes nothing with JAX; its runs set up their own.
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # The ledger's machine description starts JAX.
   from diffurec_jax import errors
   from diffurec_jax.lab import campaign
 

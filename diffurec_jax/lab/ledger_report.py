@@ -72,6 +72,16 @@ def _stopped_early(results: dict, train: dict) -> bool:
   return epochs < train["num_epochs"] or (patience > 0 and epochs - best >= patience)
 
 
+def _made_text(made: dict) -> str:
+  """`command` on machine (jax x); how it ended. Notes: ... (one seed of a ledger row)."""
+  note = f" Notes: {made['notes'].rstrip('.')}." if made["notes"] else ""
+  early = ("early stopping fired" if made["stopped_early"]
+           else "ended at its last epoch (not stopped early)")
+  machine = made["machine"]
+  return (f"`{made['command']}` on {_machine_text(machine)} (jax {machine.get('jax', '?')}); "
+          f"{early}.{note}")
+
+
 def summary_row(dataset, name, runs) -> dict:
   """One table row: test metrics mean/std over seeds, the paper's, time and epochs."""
   row = {"dataset": dataset, "name": name, "seeds": len(runs),
@@ -92,7 +102,10 @@ def summary_row(dataset, name, runs) -> dict:
   row["paper_label"] = _paper_label(dataset, row["variant"])
   row["machine"] = runs[0].run.get("machine", {})
   row["command"] = runs[0].run.get("command", "")
-  row["notes"] = "; ".join(sorted({r.run.get("notes", "") for r in runs} - {""}))
+  row["made"] = [{"seed": r.config.get("seed", 0), "command": r.run.get("command", ""),
+                  "machine": r.run.get("machine", {}), "notes": r.run.get("notes", ""),
+                  "stopped_early": early}
+                 for r, early in zip(runs, row["stopped_early"])]
   row["mask_history"] = any(r.results.get("mask_history") for r in runs)
   diffusion = row["variant"] != "sasrec"
   row["valid"] = (runs[0].results.get("valid_users"),
@@ -212,12 +225,12 @@ def build_markdown(root: str, figures_dir: str, figures_link: str) -> str:
             _percent(row[m][0]) for m in ALL_METRICS) + f" | {'yes' if row['mask_history'] else 'no'} |")
       lines += ["", "How each run was made:", ""]
       for row in rows:
-        note = f" Notes: {row['notes']}." if row["notes"] else ""
-        early = ("early stopping fired" if all(row["stopped_early"])
-                 else "ended at its last epoch (not stopped early)")
-        lines.append(f"- **{row['name']}**: `{row['command']}` on "
-                     f"{_machine_text(row['machine'])} (jax {row['machine'].get('jax', '?')}); "
-                     f"{early}.{note}")
+        made = [_made_text(m) for m in row["made"]]
+        if len(made) == 1:
+          lines.append(f"- **{row['name']}**: {made[0]}")
+        else:
+          lines.append(f"- **{row['name']}**, {len(made)} seeds:")
+          lines += [f"  - seed {m['seed']}: {text}" for m, text in zip(row["made"], made)]
       lines.append("")
     notes = os.path.join(root, dataset, "notes.md")
     if os.path.exists(notes):  # Prose kept beside the runs (what was tried, what is next).
