@@ -18,7 +18,8 @@ from diffurec_jax import cli
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir trained by bin/train.py.")
 _INPUT = flags.DEFINE_string("input", None, "CSV/TSV/parquet (user,item[,timestamp]) or JSONL "
                              "({'user':..,'items':[..]}) histories in ORIGINAL ids.")
-_OUTPUT = flags.DEFINE_string("output", None, "Recommendations: .csv, .tsv or .parquet.")
+_OUTPUT = flags.DEFINE_string("output", None, "Recommendations: .csv, .tsv (.tab) or .parquet; "
+                              "its folder must exist.")
 _TOPK = flags.DEFINE_integer("topk", 10, "Recommendations per user (1 to the number of items).")
 _EXCLUDE = flags.DEFINE_bool(
     "exclude_history", True, "Never recommend an item of the user's own history "
@@ -38,10 +39,12 @@ def main(argv):
   from diffurec_jax import serve
 
   def run():
-    if _INPUT.value and not _OUTPUT.value:
-      raise serve.InputError("--input needs --output (a .csv, .tsv or .parquet path).")
-    if _INPUT.value and _TOPK.value < 1:
-      serve.check_topk(_TOPK.value, 1)  # Before loading anything.
+    serve.check_arguments(_WORKDIR.value, input_path=_INPUT.value, output=_OUTPUT.value,
+                          topk=_TOPK.value, seeds=_SEEDS.value, steps=_STEPS.value,
+                          batch_size=_BATCH.value)  # Before loading anything.
+    note = serve.unfinished_note(_WORKDIR.value)
+    if note:
+      print(note, file=sys.stderr, flush=True)
     overrides = dict(seeds=_SEEDS.value, steps=_STEPS.value, sampler=_SAMPLER.value)
     if not _INPUT.value:
       result, _, loaded = evaluate.evaluate_workdir(_WORKDIR.value, "test", **overrides)

@@ -10,6 +10,7 @@ traceback of a user error too.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
@@ -74,7 +75,41 @@ def run_guarded(function):
 # Flags and help ------------------------------------------------------------------------------
 
 
-def _one_line(error: Exception) -> str:
+# Names people type for a field that has another name here (train.lr -> train.learning_rate).
+_SYNONYMS = {"lr": "learning_rate", "epochs": "num_epochs", "bs": "batch_size",
+             "batch": "batch_size", "wd": "weight_decay", "layers": "num_blocks",
+             "blocks": "num_blocks", "heads": "num_heads", "maxlen": "max_len",
+             "seq_len": "max_len", "hidden_size": "hidden", "dim": "hidden",
+             "timesteps": "diffusion_steps", "T": "diffusion_steps"}
+
+
+def suggest_field(field: str) -> str | None:
+  """The config field a mistyped `field` ('train.lr') most likely means, or None."""
+  from diffurec_jax import config as config_lib
+  names = [name for name, _, _ in config_lib.FIELDS]
+  section, _, name = field.rpartition(".")
+  if name in _SYNONYMS:
+    matches = [n for n in names if n.rpartition(".")[2] == _SYNONYMS[name]]
+    same_section = [n for n in matches if n.rpartition(".")[0] == section]
+    return (same_section or matches or [None])[0]
+  return (difflib.get_close_matches(field, names, n=1, cutoff=0.6) or [None])[0]
+
+
+def _unknown_field(line: str, argv) -> str | None:
+  """'no such config field ...; did you mean ...' for a bare KeyError naming an override."""
+  match = re.fullmatch(r"'(\w+)'", line)
+  if not match:
+    return None
+  for arg in argv or ():
+    field = arg.split("=", 1)[0].removeprefix("--config.")
+    if arg.startswith("--config.") and field.rpartition(".")[2] == match.group(1):
+      suggestion = suggest_field(field)
+      return f"no such config field {field!r}" + (
+          f"; did you mean {suggestion!r}?" if suggestion else "")
+  return None
+
+
+def _one_line(error: Exception, argv=()) -> str:
   """The human part of a flag-parsing error, on one line."""
   while isinstance(error, (KeyError, AttributeError)) and error.args and isinstance(
       error.args[0], Exception):
@@ -86,7 +121,7 @@ def _one_line(error: Exception) -> str:
   line = re.sub(r"^[\w.]+(Error|Exception): ", "", " ".join(lines))
   if "Did you mean" in line:
     line = "no such config field " + line.replace(" Did you mean", "; did you mean")
-  return line
+  return _unknown_field(line, argv) or line
 
 
 def parse_flags(argv):
@@ -107,7 +142,7 @@ def parse_flags(argv):
     if isinstance(error, errors.UserError):
       print(f"error: {error}", file=sys.stderr)
     else:
-      print(f"error: bad flag or config ({_one_line(error)}); see --help.", file=sys.stderr)
+      print(f"error: bad flag or config ({_one_line(error, argv)}); see --help.", file=sys.stderr)
     sys.exit(2)
 
 

@@ -24,6 +24,8 @@ from diffurec_jax import evaluate as evaluate_lib
 from diffurec_jax import samplers
 from diffurec_jax.data import batches as batches_lib
 from diffurec_jax.data import splits
+from diffurec_jax.training import checkpoints as checkpoint_lib
+from diffurec_jax.training import workdir as workdir_lib
 
 
 class InputError(errors.UserError):
@@ -72,6 +74,56 @@ def read_histories(path: str) -> tuple[list[str], list[list[str]]]:
   if not users:
     raise InputError(f"Input file {path} holds no interactions.")
   return users, sequences
+
+
+OUTPUT_FORMATS = (".csv", ".tsv", ".tab", ".parquet")
+
+
+def check_arguments(workdir: str, *, input_path: str | None, output: str | None, topk: int,
+                    seeds: int, steps: int, batch_size: int):
+  """Every bin/infer.py flag, before anything is loaded: InputError naming the flag."""
+  if input_path and not output:
+    raise InputError("--input needs --output (a .csv, .tsv or .parquet path).")
+  if output:
+    if not output.endswith(OUTPUT_FORMATS):
+      raise InputError(f"--output {output} has no known format; end it in "
+                       f"{', '.join(OUTPUT_FORMATS)} (.tab is tab-separated too).")
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+      raise InputError(f"--output {output}: the folder {folder} does not exist; create it or "
+                       "write elsewhere.")
+    if not os.access(folder, os.W_OK):
+      raise InputError(f"--output {output}: the folder {folder} is not writable.")
+  if input_path:
+    check_topk(topk, max(topk, 1))
+  if seeds < 0:
+    raise InputError(f"--seeds {seeds}: use 1 or more chains, or 0 for the run's own "
+                     "(sample.seeds).")
+  if batch_size < 1:
+    raise InputError(f"--batch_size {batch_size}: use 1 or more users per batch (default 256).")
+  if steps < 0:
+    raise InputError(f"--steps {steps}: use 1 or more reverse steps, or 0 for the run's own.")
+  if steps:
+    config = workdir_lib.load_config(workdir)
+    if steps > config.model.diffusion_steps:
+      raise InputError(f"--steps {steps} is more than the {config.model.diffusion_steps} "
+                       f"diffusion steps {workdir} was trained with; use --steps "
+                       f"{config.model.diffusion_steps} or fewer.")
+
+
+def unfinished_note(workdir: str) -> str | None:
+  """A warning when `workdir` never finished (stopped, interrupted, or diverged), else None."""
+  if workdir_lib.read_json(workdir, "results.json") is not None:
+    return None
+  checkpoints = checkpoint_lib.Checkpoints(workdir)
+  try:
+    best, latest = checkpoints.best.latest_step(), checkpoints.latest.latest_step()
+  finally:
+    checkpoints.close()
+  if best is None:
+    return None  # evaluate.load says there is nothing to use.
+  return (f"warning: {workdir} has not finished (no results.json; trained through epoch "
+          f"{latest}): using its best checkpoint so far, epoch {best}.")
 
 
 def check_topk(topk: int, num_items: int):

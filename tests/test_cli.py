@@ -95,6 +95,8 @@ def test_bad_config_numbers_are_refused_up_front(synthetic_data, tmp_path):
     (["--config", "configs/toys.py:smoke", "--config.train.batchsize=8"],
      ["batchsize", "did you mean", "batch_size"]),
     (["--config", "configs/toys.py:nosuch"], ["Unknown preset", "nosuch", "smoke"]),
+    (["--config", "configs/toys.py:smoke", "--config.train.lr=1e-3"],
+     ["'train.lr'", "did you mean 'train.learning_rate'"]),
 ])
 def test_config_typos_are_one_line(synthetic_data, tmp_path, flags, words):
   result = _train(synthetic_data, *flags, "--workdir", str(tmp_path / "run"))

@@ -178,3 +178,34 @@ def test_empty_input_file(trained_workdir, synthetic_data, tmp_path, name, conte
                   "--output", str(tmp_path / "recs.csv"))
   helpers.assert_user_error(result, "holds no interactions", name)
   assert not (tmp_path / "recs.csv").exists()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--seeds", "-1"], ["--seeds -1", "1 or more"]),
+    (["--steps", "-2"], ["--steps -2"]),
+    (["--steps", "99"], ["--steps 99", "32 diffusion steps"]),
+    (["--input", "{h}", "--output", "{tmp}/r.csv", "--batch_size", "0"], ["--batch_size 0"]),
+    (["--input", "{h}", "--output", "{tmp}/no/such/dir/r.csv"], ["does not exist"]),
+    (["--input", "{h}", "--output", "{tmp}/r.txt"], ["--output", "r.txt", ".parquet"]),
+    (["--input", "{h}", "--output", "{tmp}/r.csv", "--seeds", "-1"], ["--seeds -1"]),
+])
+def test_bad_serving_flags_are_one_line_before_any_work(trained_workdir, synthetic_data,
+                                                       tmp_path, flags, words):
+  history = tmp_path / "h.csv"
+  history.write_text("user,item\na,b\n")
+  flags = [flag.format(h=history, tmp=tmp_path) for flag in flags]
+  result = _infer(synthetic_data, "--workdir", str(trained_workdir), *flags)
+  helpers.assert_user_error(result, *words)
+  assert not list(tmp_path.glob("r.*")) and "test" not in result.stdout
+
+
+def test_an_unfinished_run_is_served_with_a_warning(trained_workdir, synthetic_data, tmp_path):
+  workdir = helpers.copy_workdir(trained_workdir, tmp_path / "run")
+  (workdir / "results.json").unlink()  # As a run that stopped on NaN or was never finished.
+  best = helpers.read_json(trained_workdir / "results.json")["best_epoch"]
+  printed = _last_json(_infer(synthetic_data, "--workdir", str(workdir)))
+  assert printed["best_epoch"] == best
+  result = _infer(synthetic_data, "--workdir", str(workdir))
+  warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+  assert len(warnings) == 1 and "has not finished" in warnings[0]
+  assert f"best checkpoint so far, epoch {best}" in warnings[0]
