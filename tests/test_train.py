@@ -242,3 +242,23 @@ def test_non_finite_loss_names_the_step(synthetic_data, tmp_path):
                            data_root=synthetic_data)
   helpers.assert_user_error(result, "at step 2", "train.learning_rate")
   assert not (tmp_path / "run" / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_optimizer_fields_change_on_resume_and_are_recorded(synthetic_data, tmp_path, capsys):
+  """The NaN advice works: a stopped run resumes with a lower lr and a gradient clip."""
+  workdir = str(tmp_path / "run")
+  config = helpers.tiny_config(synthetic_data, {"train.num_epochs": 2})
+  assert train.train_and_evaluate(config, workdir, stop_after_epochs=1, progress=False) is None
+  changed = helpers.tiny_config(synthetic_data, {"train.num_epochs": 2,
+                                                 "train.learning_rate": 1e-4,
+                                                 "train.grad_clip": 1.0})
+  results = train.train_and_evaluate(changed, workdir, progress=False)
+  assert results["epochs_run"] == 2
+  assert "resuming with changed train.learning_rate 0.002 -> 0.0001" in capsys.readouterr().out
+  (record,) = [r for r in helpers.read_jsonl(tmp_path / "run" / "metrics.jsonl")
+               if r["split"] == "config"]
+  assert record["epoch"] == 1 and record["changed"] == {
+      "train.learning_rate": [0.002, 0.0001], "train.grad_clip": [0.0, 1.0]}
+  saved = helpers.read_json(tmp_path / "run" / "config.json")["train"]
+  assert (saved["learning_rate"], saved["grad_clip"]) == (1e-4, 1.0)

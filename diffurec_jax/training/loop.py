@@ -85,7 +85,8 @@ def _check_finite(losses, first_step: int, epoch: int, checkpoints):
     where = f"epoch {last} in {checkpoints.directory}/latest" if last is not None else "none yet"
     raise Diverged(
         f"The training loss is {values[bad[0]]} at step {step} (epoch {epoch}); last good "
-        f"checkpoint: {where}. Lower train.learning_rate or set train.grad_clip.")
+        f"checkpoint: {where}. Lower train.learning_rate or set train.grad_clip and rerun"
+        + (f" (it resumes from epoch {last})." if last is not None else "."))
   return values
 
 
@@ -145,6 +146,7 @@ class Run:
     if self.main:
       workdir_lib.check_writable(workdir)
       self.stack.enter_context(workdir_lib.Lock(workdir))
+    self.changes = workdir_lib.resumable_changes(workdir, config)
     workdir_lib.check_or_write_config(workdir, config, write=self.main)  # Says if replaced.
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.train.batch_size, mesh)
@@ -207,6 +209,11 @@ class Run:
     """Every remaining epoch, then the test; None when stopped after `stop_after_epochs`."""
     self._open()
     state, self.meta = self._restore()
+    if self.changes and int(state.step):
+      changed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in self.changes.items())
+      print(f"resuming with changed {changed} (recorded in metrics.jsonl)", flush=True)
+      self.log.write(epoch=self.meta.epoch, step=int(state.step), split="config",
+                     changed=self.changes)
     self.state = sharding.replicate(state, self.mesh)
     # Wall-clock seconds of the run so far, resumes included (start-up and compilation too).
     self._wall_base, self._wall_start = float(self.meta.wall_s), time.time()

@@ -37,11 +37,13 @@ def learning_rate_schedule(train_config, steps_per_epoch: int):
 
 
 def make_optimizer(train_config, steps_per_epoch: int) -> optax.GradientTransformation:
-  """Adam + L2 weight decay added to the gradient (as torch Adam), scheduled learning rate."""
+  """Adam + L2 weight decay added to the gradient (as torch Adam), scheduled learning rate.
+
+  Gradient clipping (train.grad_clip) happens in the train step, before this: it holds no
+  state, so a run may resume with another clip (or none) from any checkpoint.
+  """
   learning_rate = learning_rate_schedule(train_config, steps_per_epoch)
   parts = []
-  if train_config.grad_clip:
-    parts.append(optax.clip_by_global_norm(train_config.grad_clip))
   if train_config.weight_decay:
     parts.append(optax.add_decayed_weights(train_config.weight_decay))
   parts += [optax.scale_by_adam(), optax.scale_by_learning_rate(learning_rate)]

@@ -68,16 +68,21 @@ def loss_weight_fn(config):
 
 
 def step_options(config) -> dict:
-  """make_train_step's keyword arguments for this config (micro-batching)."""
-  return {"weight_fn": loss_weight_fn(config), "max_tokens": config.train.microbatch_tokens}
+  """make_train_step's keyword arguments for this config (micro-batching, clipping)."""
+  return {"weight_fn": loss_weight_fn(config), "max_tokens": config.train.microbatch_tokens,
+          "max_grad_norm": config.train.grad_clip}
 
 
-def make_train_step(loss_fn, graphdef, tx, *, weight_fn=None, max_tokens: int = 0):
+def make_train_step(loss_fn, graphdef, tx, *, weight_fn=None, max_tokens: int = 0,
+                    max_grad_norm: float = 0.0):
   """jit(state, batch, key, schedule) -> (state, loss); the state buffer is donated.
 
   With max_tokens > 0, a batch of B histories of length L with B * L > max_tokens is processed
-  as k micro-batches (accumulate.py): the same update, a k-th of the activation memory.
+  as k micro-batches (accumulate.py): the same update, a k-th of the activation memory. With
+  max_grad_norm > 0 the gradients are clipped to that global norm before `tx` (optax's
+  clip_by_global_norm, outside the optimizer state).
   """
+  clip = optax.clip_by_global_norm(max_grad_norm) if max_grad_norm else None
 
   def train_step(state: TrainState, batch, key, schedule):
     rng = jax.random.fold_in(key, state.step)
@@ -85,6 +90,8 @@ def make_train_step(loss_fn, graphdef, tx, *, weight_fn=None, max_tokens: int = 
     k = accumulate.num_microbatches(batch_size, length, max_tokens if weight_fn else 0)
     loss, grads = accumulate.value_and_grad(loss_fn, weight_fn, k)(
         state.params, graphdef, batch, rng, schedule)
+    if clip is not None:
+      grads, _ = clip.update(grads, clip.init(state.params))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(params, opt_state, state.step + 1), loss

@@ -22,7 +22,11 @@ from diffurec_jax import errors
 # memory; only the random draws are split differently), and num_epochs (to extend a run, or to end
 # it at its last checkpoint: the best-on-validation checkpoint is then tested).
 RESUMABLE_CHANGES = ("data.root", "data.cache_dir", "data.download", "train.eval_batch_size",
-                      "train.num_epochs", "train.microbatch_tokens")
+                     "train.num_epochs", "train.microbatch_tokens",
+                     # The learning-rate schedule and gradient clipping hold no optimizer state:
+                     # a run that diverged resumes from its last good checkpoint with new ones.
+                     "train.learning_rate", "train.grad_clip", "train.warmup_epochs",
+                     "train.lr_schedule", "train.lr_decay_epochs", "train.lr_decay_rate")
 
 # Fields removed since runs were written: read by nothing, so dropping them changes no run.
 _REMOVED_FIELDS = ("sample.topk", "sample.compute_dtype")
@@ -114,19 +118,29 @@ def check_config(workdir: str, config):
                        f"({', '.join(differ[:5])}); use a new --workdir or the original config.")
 
 
+def resumable_changes(workdir: str, config) -> dict:
+  """{field: [old, new]} of the RESUMABLE_CHANGES fields `config` changes in config.json."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return {}
+  new, old = flatten(config_dict(config)), flatten(_read_config_json(path))
+  return {k: [old.get(k), new.get(k)] for k in RESUMABLE_CHANGES if old.get(k) != new.get(k)}
+
+
 def check_or_write_config(workdir: str, config, write: bool) -> str:
   """Writes config.json, or checks that an existing one describes the same run.
 
-  Returns 'new', 'same' or 'replaced': a workdir where nothing was trained (no checkpoint,
-  e.g. a run that stopped on a data error) takes the new config; one with a checkpoint
-  refuses it. An unchanged config.json is not rewritten.
+  Returns 'new', 'same', 'changed' or 'replaced': a workdir where nothing was trained (no
+  checkpoint, e.g. a run that stopped on a data error) takes the new config; one with a
+  checkpoint refuses it unless only RESUMABLE_CHANGES fields differ ('changed': config.json
+  then records the new values). An unchanged config.json is not rewritten.
   """
   path = os.path.join(workdir, "config.json")
   status = "new"
   if os.path.exists(path):
     differ = _differences(workdir, config)
     if not differ:
-      status = "same"
+      status = "changed" if resumable_changes(workdir, config) else "same"
     elif has_checkpoint(workdir):
       raise WorkdirError(f"{workdir} holds a run with a different config "
                          f"({', '.join(differ[:5])}); use a new --workdir or the original config.")
