@@ -49,7 +49,11 @@ LEGEND = ("done: in the ledger | running: its workdir is locked by a live proces
           "with another recipe (a person decides) | missing: not started | gpu: runs only with "
           "--device gpu")
 # Fields a resumed run may change (train.num_epochs extends a run): never a recipe conflict.
-_RESUMABLE = workdir_lib.RESUMABLE_CHANGES
+# Fields that do not make another recipe: where the data is, evaluation batching, memory
+# splitting, and the schedule's length (a run may be extended by a resume). Optimizer fields
+# are resumable too (a diverged run resumes with a lower lr) but are part of the recipe.
+_RESUMABLE = ("data.root", "data.cache_dir", "data.download", "train.eval_batch_size",
+              "train.num_epochs", "train.microbatch_tokens")
 # Seconds a run may take to save and exit after SIGINT before it is signalled again.
 _GRACE_S = 600
 
