@@ -7,7 +7,6 @@ Bad input prints `error: <message>` to stderr and exits with status 2.
 """
 
 import json
-import sys
 
 from absl import app
 from absl import flags
@@ -25,13 +24,13 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}.")
-  try:
+
+  def run():
     report = data.prepare_and_report(FLAGS.config.data)
-  except data.DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(data.pipeline.format_table(report))
-  print(json.dumps(report))
+    print(data.pipeline.format_table(report))
+    print(json.dumps(report))
+
+  cli.run_guarded(run)
 
 
 if __name__ == "__main__":

@@ -262,3 +262,35 @@ def test_optimizer_fields_change_on_resume_and_are_recorded(synthetic_data, tmp_
       "train.learning_rate": [0.002, 0.0001], "train.grad_clip": [0.0, 1.0]}
   saved = helpers.read_json(tmp_path / "run" / "config.json")["train"]
   assert (saved["learning_rate"], saved["grad_clip"]) == (1e-4, 1.0)
+
+
+def test_a_signal_not_acted_on_soon_gets_a_notice(capsys, monkeypatch):
+  """Ctrl-C while the main thread is busy (a compilation): one notice line at once; a signal
+  acted on quickly (read at a step boundary) prints nothing."""
+  monkeypatch.setattr(interrupt, "NOTICE_AFTER_S", 0.3)
+  for busy, expected in ((1.0, 1), (0.0, 0)):
+    with interrupt.Interrupts() as interrupts:
+      interrupts.deferred = True
+      signal.raise_signal(signal.SIGINT)
+      time.sleep(busy)  # The handler has run; the run has not read `requested` yet.
+      assert interrupts.requested
+      time.sleep(0.5)
+    err = capsys.readouterr().err
+    assert err.count(interrupt.NOTICE) == expected, err
+
+
+def test_an_interrupt_raised_inside_a_gc_callback_is_not_printed(capsys):
+  import gc
+  with interrupt.Interrupts() as interrupts:
+    gc.callbacks.append(_raise_interrupted)
+    try:
+      gc.collect()
+    finally:
+      gc.callbacks.remove(_raise_interrupted)
+    assert "Exception ignored" not in capsys.readouterr().err
+    del interrupts
+
+
+def _raise_interrupted(phase, info):
+  del phase, info
+  raise interrupt.Interrupted("interrupted by SIGINT")

@@ -13,9 +13,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
+import time
 
 import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
 
 from diffurec_jax.training import checkpoints as checkpoint_lib
 
@@ -26,32 +29,102 @@ class Interrupted(Exception):
   """The run was interrupted by a signal; the message says what was saved and what to do."""
 
 
+NOTICE_AFTER_S = 2.0  # A signal not acted on by then waits for a step or an XLA compilation.
+NOTICE = ("stopping: a step or compilation in progress finishes first (up to a minute); "
+          "press Ctrl-C again to stop without saving")
+
+
 class Interrupts:
-  """Context manager: SIGINT/SIGTERM handlers (main thread only; elsewhere a no-op)."""
+  """Context manager: SIGINT/SIGTERM handlers (main thread only; elsewhere a no-op).
+
+  A signal that arrives during a long XLA compilation (or a long step) is acted on only after
+  it. A watcher thread reads the signal's wake-up byte at once and, if the run has not acted on
+  it within NOTICE_AFTER_S (raised, or read `requested` at a step boundary), prints NOTICE, so
+  the user knows the Ctrl-C was seen. An Interrupted raised where Python cannot propagate it (a garbage-collector
+  callback) is not printed as "Exception ignored": `requested` is set, and the trainer stops at
+  its next check.
+  """
 
   def __init__(self):
-    self.requested = False
+    self._requested = False
     self.deferred = False
     self._previous = {}
+    self._handled = 0  # Signals whose Python handler has run.
+    self._acted_on = 0  # Of those, signals the run has acted on.
+    self._wakeup = None
+
+  @property
+  def requested(self) -> bool:
+    """Whether a signal came; reading True is acting on it (the caller stops)."""
+    if self._requested:
+      self._acted_on = self._handled
+    return self._requested
+
+  @requested.setter
+  def requested(self, value: bool):
+    self._requested = value
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
       for number in (signal.SIGINT, signal.SIGTERM):
         self._previous[number] = signal.signal(number, self._handle)
+      self._start_watcher()
+      self._unraisable, sys.unraisablehook = sys.unraisablehook, self._quiet_unraisable
     return self
 
   def __exit__(self, *exc):
     for number, handler in self._previous.items():
       signal.signal(number, handler)
+    if self._previous:
+      sys.unraisablehook = self._unraisable
+      self._stop_watcher()
     self._previous = {}
     return False
 
+  def _start_watcher(self):
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    self._wakeup = (read, write, previous)
+    threading.Thread(target=self._watch, args=(read,), daemon=True,
+                     name="interrupt-notice").start()
+
+  def _stop_watcher(self):
+    read, write, previous = self._wakeup
+    signal.set_wakeup_fd(previous)
+    os.close(write)  # The watcher's read returns b'' and it ends; it closes `read`.
+    self._wakeup = None
+
+  def _watch(self, read: int):
+    """Counts our signals' wake-up bytes; NOTICE when one is not handled in time."""
+    ours, seen = {int(signal.SIGINT), int(signal.SIGTERM)}, 0
+    try:
+      while byte := os.read(read, 1):
+        if byte[0] not in ours:
+          continue
+        seen += 1
+        deadline = time.monotonic() + NOTICE_AFTER_S
+        while self._acted_on < seen and time.monotonic() < deadline:
+          time.sleep(0.02)
+        if self._acted_on < seen and self._wakeup is not None:
+          tqdm.write(NOTICE, file=sys.stderr)  # On its own line, under any progress bar.
+    except OSError:
+      pass
+    finally:
+      os.close(read)
+
+  def _quiet_unraisable(self, unraisable):
+    if not isinstance(unraisable.exc_value, Interrupted):
+      self._unraisable(unraisable)
+
   def _handle(self, number, frame):
     del frame
-    already = self.requested
-    self.requested = True
+    self._handled += 1
+    already = self._requested
+    self._requested = True
     if self.deferred and not already:
       return  # The training loop stops at the next step boundary.
+    self._acted_on = self._handled
     raise Interrupted(f"interrupted by {signal.Signals(number).name}")
 
   @contextlib.contextmanager

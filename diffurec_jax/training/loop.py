@@ -246,6 +246,9 @@ class Run:
     return epoch % self.config.train.eval_every == 0 or epoch == self.config.train.num_epochs
 
   def _save_partial(self, position, losses, count, seconds, record=None):
+    done = self.meta.epoch
+    self.status = (f"interrupted again while saving epoch {done + 1}'s progress (that save may "
+                   f"be incomplete; epoch {done} is saved); rerun the same command to resume")
     with self.interrupts.defer():
       partial = {"position": position, "losses": [float(v) for v in losses], "count": count,
                  "seconds": seconds, "train_record": record}
