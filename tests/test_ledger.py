@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 import helpers_train
@@ -146,3 +147,17 @@ def test_stopped_early(epochs_run, best, num_epochs, patience, eval_every, expec
   results = {"epochs_run": epochs_run, "best_epoch": best}
   train = {"num_epochs": num_epochs, "patience": patience, "eval_every": eval_every}
   assert ledger_report._stopped_early(results, train) is expected
+
+
+def test_per_user_ranks_are_kept_compact_and_exact(tmp_path):
+  work = fake_workdir(str(tmp_path / "w"))
+  users, ranks = np.arange(7, dtype=np.int64), np.array([1, 5, 11, 300, 2, 1, 12000])
+  np.savez(os.path.join(work, "test_ranks.npz"), users=users, ranks=ranks,
+           targets=users + 1, history_lengths=users + 2)
+  target = ledger.add_run(work, str(tmp_path / "r"), "diffurec", command="c", machine=MACHINE)
+  saved = ledger.read_ranks(target)
+  np.testing.assert_array_equal(saved["users"], users)
+  np.testing.assert_array_equal(saved["ranks"], ranks)
+  with np.load(os.path.join(target, ledger.RANKS_FILE)) as raw:
+    assert raw["ranks"].dtype == np.uint16 and set(raw.files) == {"users", "ranks"}
+  assert ledger.read_ranks(str(tmp_path)) is None

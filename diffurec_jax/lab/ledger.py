@@ -9,6 +9,7 @@ Layout (one folder per run; nothing else is read):
     run.json        how it was made: command, machine (CPU model and cores or GPU, jax
                     version), kind (run | trial), free-text notes
     evaluations/*.json   later evaluations of the selected checkpoint (e.g. 1 reverse step)
+    test_ranks.npz  every test user's rank (compact, tens of KB): paired tests over users
 
 `add_run` copies a workdir into the ledger; `load` reads it back as `Entry` objects, from
 which `ledger_report` rebuilds docs/results.md. Runs made at different times, on different
@@ -23,11 +24,14 @@ import json
 import os
 import shutil
 
+import numpy as np
+
 from diffurec_jax import errors
 from diffurec_jax.lab import machine as machine_lib
 
 KINDS = ("run", "trial")
 RUN_FILES = ("config.json", "metrics.jsonl", "results.json")
+RANKS_FILE = "test_ranks.npz"  # Compact copy of the workdir's (write_ranks).
 
 
 class LedgerError(errors.UserError):
@@ -66,12 +70,33 @@ def add_run(workdir: str, root: str, name: str, *, command: str, kind: str = "ru
   evaluations = os.path.join(workdir, "evaluations")
   if os.path.isdir(evaluations):
     shutil.copytree(evaluations, os.path.join(target, "evaluations"), dirs_exist_ok=True)
+  ranks = os.path.join(workdir, "test_ranks.npz")
+  if os.path.exists(ranks):
+    write_ranks(ranks, os.path.join(target, RANKS_FILE))
   run = {"command": command, "kind": kind, "notes": notes,
          "machine": machine or machine_lib.describe(),
          "added": datetime.date.today().isoformat()}
   with open(os.path.join(target, "run.json"), "w") as f:
     json.dump(run, f, indent=2, sort_keys=True)
   return target
+
+
+def write_ranks(test_ranks: str, path: str):
+  """The run's per-user test ranks, compact (a few tens of KB): users int32, ranks as the
+  smallest unsigned type that holds them, compressed. For paired tests over users."""
+  with np.load(test_ranks) as saved:
+    users, ranks = saved["users"].astype(np.int32), saved["ranks"]
+  dtype = np.uint16 if ranks.max(initial=0) < 2**16 else np.uint32
+  np.savez_compressed(path, users=users, ranks=ranks.astype(dtype))
+
+
+def read_ranks(folder: str) -> dict | None:
+  """{'users': [n], 'ranks': [n]} (int64) of a ledger entry, or None when not recorded."""
+  path = os.path.join(folder, RANKS_FILE)
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as saved:
+    return {name: saved[name].astype(np.int64) for name in ("users", "ranks")}
 
 
 def write_evaluation(workdir: str, label: str, split: str, metrics: dict, *, command: str,
