@@ -161,3 +161,24 @@ def test_per_user_ranks_are_kept_compact_and_exact(tmp_path):
   with np.load(os.path.join(target, ledger.RANKS_FILE)) as raw:
     assert raw["ranks"].dtype == np.uint16 and set(raw.files) == {"users", "ranks"}
   assert ledger.read_ranks(str(tmp_path)) is None
+
+
+def test_user_level_paired_tests_against_each_baseline(tmp_path):
+  from scipy import stats
+  root, users = str(tmp_path / "r"), np.arange(50)
+  rng = np.random.default_rng(0)
+  ranks = {"diffurec": rng.integers(1, 30, 50), "sasrec": rng.integers(1, 30, 50),
+           "v2": rng.integers(1, 30, 50)}
+  for name, values in ranks.items():
+    work = fake_workdir(str(tmp_path / name), variant=name)
+    np.savez(os.path.join(work, "test_ranks.npz"), users=users, ranks=values)
+    ledger.add_run(work, root, name, command="c", machine=MACHINE)
+  tests = ledger_report.user_tests(root, "toys", ledger.load(root))
+  assert [(t["name"], t["baseline"]) for t in tests] == [
+      ("sasrec", "diffurec"), ("v2", "diffurec"), ("diffurec", "sasrec"), ("v2", "sasrec")]
+  ndcg = {name: ledger_report.per_user_ndcg10(values) for name, values in ranks.items()}
+  expected = stats.ttest_rel(ndcg["v2"], ndcg["diffurec"])
+  (test,) = [t for t in tests if (t["name"], t["baseline"]) == ("v2", "diffurec")]
+  assert (test["t"], test["p"], test["pairs"]) == (float(expected.statistic),
+                                                   float(expected.pvalue), 50)
+  assert "| v2 | diffurec | 1 / 1 | 50 |" in "\n".join(ledger_report.user_tests_section(tests))

@@ -13,6 +13,8 @@ import math
 import os
 import statistics
 
+import numpy as np
+
 from diffurec_jax.lab import ledger as ledger_lib
 from diffurec_jax.lab import plots
 from diffurec_jax.lab import report as report_lib
@@ -183,6 +185,63 @@ def evaluation_rows(entries) -> list[str]:
            "test (points) | command |", "|---|---|---|---|---|---|---|---|"] + lines + [""])
 
 
+BASELINES = ("diffurec", "sasrec")
+
+
+def per_user_ndcg10(ranks) -> np.ndarray:
+  """NDCG@10 of each user from 1-based ranks: 1 / log2(rank + 1) within the top 10, else 0."""
+  ranks = np.asarray(ranks, dtype=np.float64)
+  return np.where(ranks <= 10, 1.0 / np.log2(ranks + 1.0), 0.0)
+
+
+def user_tests(root: str, dataset: str, entries) -> list[dict]:
+  """Paired t-tests over test users of NDCG@10 (each user's mean over the seeds whose ranks
+  the ledger holds): every run against each baseline of BASELINES. Rows whose users differ
+  (another data config) are skipped."""
+  from diffurec_jax.lab import analysis
+  per_run = {}
+  for entry in entries:
+    if entry.dataset != dataset or entry.kind != "run":
+      continue
+    saved = ledger_lib.read_ranks(os.path.join(root, dataset, entry.name, f"seed{entry.seed}"))
+    if saved is not None:
+      per_run.setdefault(entry.name, []).append(saved)
+  means = {}
+  for name, runs in per_run.items():
+    if all(np.array_equal(run["users"], runs[0]["users"]) for run in runs):
+      means[name] = (runs[0]["users"], np.mean([per_user_ndcg10(run["ranks"]) for run in runs],
+                                               axis=0), len(runs))
+  tests = []
+  for baseline in BASELINES:
+    if baseline not in means:
+      continue
+    base_users, base_values, base_seeds = means[baseline]
+    for name, (users, values, seeds) in sorted(means.items()):
+      if name == baseline or not np.array_equal(users, base_users):
+        continue
+      test = analysis.paired_test(values, base_values)
+      tests.append({"name": name, "baseline": baseline, "seeds": seeds,
+                    "baseline_seeds": base_seeds, **test})
+  return tests
+
+
+def user_tests_section(tests: list[dict]) -> list[str]:
+  if not tests:
+    return []
+  lines = ["Paired t-tests over test users (scipy.stats.ttest_rel, two-sided) of per-user "
+           "NDCG@10, each user's value averaged over the seeds whose ranks the ledger holds "
+           "(runs added before 2026-12-03 have none):", "",
+           "| run | vs | seeds (run / baseline) | users | NDCG@10 difference (points) | t | p |",
+           "|---|---|---|---|---|---|---|"]
+  for test in tests:
+    t = "-" if test["t"] is None else f"{test['t']:.2f}"
+    p = "-" if test["p"] is None else f"{test['p']:.2g}"
+    lines.append(f"| {test['name']} | {test['baseline']} | {test['seeds']} / "
+                 f"{test['baseline_seeds']} | {test['pairs']} | "
+                 f"{100 * test['mean_diff']:+.2f} | {t} | {p} |")
+  return lines + [""]
+
+
 def build_markdown(root: str, figures_dir: str, figures_link: str) -> str:
   """The whole page; writes the figures into `figures_dir` (linked as `figures_link`)."""
   entries = ledger_lib.load(root)
@@ -232,6 +291,7 @@ def build_markdown(root: str, figures_dir: str, figures_link: str) -> str:
           lines.append(f"- **{row['name']}**, {len(made)} seeds:")
           lines += [f"  - seed {m['seed']}: {text}" for m, text in zip(row["made"], made)]
       lines.append("")
+    lines += user_tests_section(user_tests(root, dataset, entries))
     notes = os.path.join(root, dataset, "notes.md")
     if os.path.exists(notes):  # Prose kept beside the runs (what was tried, what is next).
       with open(notes) as f:
