@@ -33,6 +33,7 @@ FIELDS = (
     ("data.rating_col", "", "Long format: rating column ('' = none)."),
     ("data.separator", "", "Long format: field separator ('' = from the extension)."),
     ("data.dedup", "none", "none|first|last: repeated (user, item) pairs."),
+    ("data.missing_ids", "error", "error|drop: rows with an empty/NaN/null user or item id."),
     ("data.min_rating", -1.0, "Keep ratings >= this; negative = keep all."),
     ("data.user_core", 5, "Iterative k-core: min interactions per user (0 = off)."),
     ("data.item_core", 5, "Iterative k-core: min interactions per item (0 = off)."),

@@ -45,6 +45,7 @@ def _problems(config) -> list[str]:
   need(integer(data.item_core) and data.item_core >= 0, "data.item_core", "an integer >= 0")
   one_of("data.format", ("auto",) + readers.FORMATS)
   one_of("data.dedup", transforms.DEDUP_MODES)
+  one_of("data.missing_ids", readers.MISSING_ID_MODES)
   one_of("data.short_users", transforms.SHORT_USER_MODES)
 
   need(integer(model.hidden) and model.hidden >= 1, "model.hidden", "an integer >= 1")

@@ -3,6 +3,7 @@
 import functools
 import gzip
 import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -164,13 +165,13 @@ def test_registered_root_from_env_and_fallback(tmp_path, data_config, monkeypatc
   root = tmp_path / "root"
   path = root / "toys" / "derived" / "toys_5core_timestamped.csv.gz"
   path.parent.mkdir(parents=True)
-  with gzip.open(path, "wt") as f:
-    f.write("user_id,item_id,seq_pos,timestamp\n1,1,0,5\n1,2,1,4\n1,3,2,4\n")
+  with gzip.open(path, "wt") as f:  # seq_pos is the primary file's order (S3-Rec's tie-break).
+    f.write("user_id,item_id,seq_pos,timestamp\n1,3,2,4\n1,1,0,3\n1,2,1,4\n")
   monkeypatch.setenv("DIFFUREC_DATA", str(root))
   data_config.name = "toys"
   ds, info = data.prepare_with_info(data_config)
   assert info["source"] == str(path)
-  np.testing.assert_array_equal(ds.item_ids[ds.items], ["2", "3", "1"])
+  np.testing.assert_array_equal(ds.item_ids[ds.items], ["1", "2", "3"])
 
 
 def test_download_goes_to_user_cache(tmp_path, data_config):
@@ -306,6 +307,112 @@ def test_real_beauty_figures(data_config, monkeypatch):
   # Beauty.txt is already remapped: its ids survive unchanged.
   np.testing.assert_array_equal(ds.item_ids[1:6], ["1", "2", "3", "4", "5"])
   assert ds.item_counts().sum() == 198502 - 2 * 22363
+
+
+@pytest.mark.skipif(not REAL_DATA, reason="DIFFUREC_DATA is not set")
+def test_real_toys_fallback_file_is_the_same_dataset(tmp_path, data_config, caplog):
+  """The timestamped long file (with many same-day ties) prepares exactly the S3-Rec sequences."""
+  derived = "toys/derived/toys_5core_timestamped.csv.gz"
+  (tmp_path / "root" / derived).parent.mkdir(parents=True)
+  (tmp_path / "root" / derived).symlink_to(pathlib.Path(REAL_DATA) / derived)
+  data_config.name = "toys"
+  data_config.user_core = data_config.item_core = 5
+  data_config.root = REAL_DATA
+  primary, info = data.prepare_with_info(data_config)
+  assert info["source"].endswith("toys/s3rec/Toys_and_Games.txt")
+  data_config.root = str(tmp_path / "root")
+  with caplog.at_level("WARNING"):
+    fallback, info = data.prepare_with_info(data_config)
+  assert info["source"].endswith(derived) and "same timestamp" not in caplog.text
+  for field in ("items", "offsets", "user_ids", "item_ids"):
+    np.testing.assert_array_equal(getattr(fallback, field), getattr(primary, field))
+
+
+# What pandas' to_csv writes for integer ids that became floats because of gaps (NaN).
+PANDAS_EXPORT = ("user,item,timestamp\n1.0,10,1\n2.0,11,2\n,12,3\n1.0,13,4\n2.0,10,5\n1.0,11,6\n"
+                 "2.0,12,7\n,13,8\n")
+
+
+def _write_pandas_parquet(path):
+  """PANDAS_EXPORT as parquet: a float user column with NaN and null, integer items."""
+  import polars as pl
+  pl.DataFrame({"user": [1.0, 2.0, float("nan"), 1.0, 2.0, 1.0, 2.0, None],
+                "item": [10, 11, 12, 13, 10, 11, 12, 13],
+                "timestamp": [1, 2, 3, 4, 5, 6, 7, 8]}).write_parquet(path)
+  return path
+
+
+@pytest.mark.parametrize("name", ["export.csv", "export.parquet"])
+def test_float_ids_with_nan_are_an_error_or_dropped(tmp_path, data_config, caplog, name):
+  path = tmp_path / name
+  if name.endswith(".csv"):
+    path.write_text(PANDAS_EXPORT)
+  else:
+    _write_pandas_parquet(path)
+  data_config.path = str(path)
+  with pytest.raises(data.DataError) as error:
+    data.prepare(data_config)
+  assert str(error.value) == (
+      f"{path} has 2 rows with a missing user or item id (empty, NaN or null): rows 4 and 9, "
+      "counting the header as row 1 as a spreadsheet does; fill in the ids, or set "
+      "--config.data.missing_ids=drop to drop those rows.")
+  data_config.missing_ids = "drop"
+  with caplog.at_level("WARNING"):
+    ds = data.prepare(data_config)
+  assert [r.getMessage() for r in caplog.records if "Dropped" in r.getMessage()] == [
+      f"Dropped 2 rows of {path} with a missing user or item id (empty, NaN or null; "
+      "--config.data.missing_ids=drop): rows 4 and 9, counting the header as row 1 as a "
+      "spreadsheet does."]
+  # 1.0 and 2.0 are the users 1 and 2, the same ids as in a file of integers.
+  np.testing.assert_array_equal(ds.user_ids, ["1", "2"])
+  np.testing.assert_array_equal(ds.item_ids[ds.sequence(0)], ["10", "13", "11"])
+  np.testing.assert_array_equal(ds.user_index([1, "2", "1.0"]), [0, 1, -1])
+
+
+def test_whole_float_ids_are_the_integer_ids(tmp_path, data_config):
+  data_config.path = str(_write_log(tmp_path, "user,item,timestamp\n7,1,1\n7.0,2.0,2\n"
+                                              "7.00,3,3\n"))
+  ds = data.prepare(data_config)
+  np.testing.assert_array_equal(ds.user_ids, ["7"])
+  np.testing.assert_array_equal(ds.item_ids, ["", "1", "2", "3"])
+
+
+def _prepare_cli(tmp_path, path, *flags):
+  import helpers_train
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  return helpers_train.run_script(
+      "bin/prepare_data.py", "--config", str(repo / "configs" / "custom.py"),
+      f"--config.data.path={path}", "--config.data.download=False", "--config.data.user_core=0",
+      "--config.data.item_core=0", *flags,
+      env={"XDG_CACHE_HOME": str(tmp_path / "xdg"), "DIFFUREC_CACHE": str(tmp_path / "c")})
+
+
+def test_prepare_cli_on_a_pandas_export_with_nan_ids(tmp_path, caplog):
+  path = tmp_path / "export.csv"
+  path.write_text(PANDAS_EXPORT)
+  result = _prepare_cli(tmp_path, path)
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and "2 rows with a missing user or item id" in errors[0]
+  assert "rows 4 and 9" in errors[0] and "--config.data.missing_ids=drop" in errors[0]
+  with caplog.at_level("WARNING"):  # absl writes it to the process's stderr.
+    result = _prepare_cli(tmp_path, path, "--config.data.missing_ids=drop")
+  assert result.returncode == 0, result.stderr
+  assert json.loads(result.stdout.splitlines()[-1])["users"] == 2
+  assert f"Dropped 2 rows of {path}" in caplog.text
+  result = _prepare_cli(tmp_path, path, "--config.data.missing_ids=skip")
+  assert result.returncode == 2 and "missing_ids" in result.stderr and "drop" in result.stderr
+
+
+def test_prepare_cli_counts_ties(tmp_path, caplog):
+  path = _write_log(tmp_path, "user,item,timestamp\na,y,1\na,x,1\na,z,3\nb,x,1\nb,y,2\n"
+                              "b,z,3\n")
+  with caplog.at_level("WARNING"):  # absl writes it to the process's stderr.
+    result = _prepare_cli(tmp_path, path)
+  assert result.returncode == 0, result.stderr
+  assert (f"2 interaction(s) of 1 user(s) in {path} have the same timestamp as another of the "
+          "same user; these ties are ordered by item id (compared as text), not by their order "
+          "in the file.") in caplog.text
 
 
 def test_download_extracts_archive_member(tmp_path):

@@ -176,7 +176,7 @@ def test_non_utf8_bytes_warn_once_with_count_and_file(tmp_path, caplog, name, co
 
 @pytest.mark.parametrize("text, string_users, string_items, examples", [
     ("user,item\n1,2\n-3,007\n", [], [], ""),  # No line at all.
-    ("user,item\n5.0,abc\n5,abc\n5.0,x\n", ["5.0"], ["abc", "x"], "'5.0', 'abc'"),
+    ("user,item\n5.0,abc\n5,abc\n5.5,x\n", ["5.5"], ["abc", "x"], "'5.5', 'abc'"),
     ("user,item\nA1,1\nA2,2\n", ["A1", "A2"], [], "'A1'"),
 ])
 def test_string_ids_are_counted_in_one_line(tmp_path, caplog, text, string_users, string_items,
@@ -190,7 +190,7 @@ def test_string_ids_are_counted_in_one_line(tmp_path, caplog, text, string_users
   if examples:
     assert lines == [f"{len(string_users)} user id(s) and {len(string_items)} item id(s) of "
                      f"{path} are not integers (for example {examples}); they are read as "
-                     "strings, so '5' and '5.0' are different ids."]
+                     "text, so ids spelled differently ('a1', 'A1') are different ids."]
   else:
     assert not lines
 
@@ -239,3 +239,59 @@ def test_no_rows_says_which_setting(tmp_path, name, text, overrides, expected):
   message = str(error.value)
   assert expected in message and "relax that setting" not in message
   assert message.endswith(".") and "\n" not in message
+
+
+@pytest.mark.parametrize("values, expected", [
+    # A float column (a pandas export of integer ids with gaps): whole numbers are integers.
+    (pl.Series("user", [1.0, 2.0, float("nan"), None, 1.5, -3.0]), ["1", "2", None, None, "1.5",
+                                                                    "-3"]),
+    # The same as text: '7.0' is the id 7; leading zeros and other numbers stay as written.
+    (pl.Series("user", [" 7 ", "7.0", "7.", "7.00", "-3.0", "007", "1.5", "1.0e3", "7.01"]),
+     ["7", "7", "7", "7", "-3", "007", "1.5", "1.0e3", "7.01"]),
+    # Missing: empty, blank, null and what pandas, polars, R and Python write for one.
+    (pl.Series("user", ["", " ", None, "NaN", "nan", "NULL", "None", "NA", "<NA>", "n/a", "nana"]),
+     [None] * 10 + ["nana"]),
+    (pl.Series("user", [3, None], dtype=pl.Int64), ["3", None]),
+])
+def test_normalise_ids(values, expected):
+  ids = readers.normalise_ids(values)
+  assert ids.to_list() == expected and ids.dtype == pl.String and ids.name == "user"
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    # What pandas' to_csv writes for float ids with NaN; a blank line still counts as a row.
+    ("log.csv", "user,item,timestamp\n1.0,10.0,1\n2.0,11.0,2\n,12.0,3\n\n1.0,13.0,4\nNaN,14.0,5\n",
+     "has 2 rows with a missing user or item id (empty, NaN or null): rows 4 and 7, counting the "
+     "header as row 1 as a spreadsheet does; fill in the ids, or set "
+     "--config.data.missing_ids=drop to drop those rows."),
+    ("log.csv", "user,item\n" + "".join(f"{'u' if i % 2 else ''},{i}\n" for i in range(20)),
+     "has 10 rows with a missing user or item id (empty, NaN or null): rows 2, 4, 6, 8, 10 and "
+     "5 more, counting the header as row 1"),
+    ("ml.inter", "user_id:token\titem_id:token\n1\t5\n2\tnull\n", ": row 3, counting the header"),
+    ("ratings.dat", "1::2::5::4\n\nnan::3::5::4\n", "has 1 row with a missing user or item id "
+     "(empty, NaN or null): line 3; fill in the ids"),
+    ("ratings_Beauty.csv", "A1,B1,5.0,1\n,B2,4.0,2\n", ": line 2;"),
+    ("Beauty.txt", "1 2 3\nNaN 4 5\n2 nan 6\n", "has 3 interactions with a missing user or "
+     "item id (empty, NaN or null): lines 2 and 3; fill in the ids, or set "
+     "--config.data.missing_ids=drop to drop those interactions."),
+])
+def test_missing_ids_are_an_error_naming_rows_and_flag(tmp_path, name, text, expected):
+  path = _write(tmp_path / name, text)
+  with pytest.raises(data.DataError) as error:
+    readers.read_interactions(path)
+  message = str(error.value)
+  assert message.startswith(str(path)) and expected in message and "\n" not in message
+
+
+def test_missing_ids_dropped_with_one_line(tmp_path, caplog):
+  path = _write(tmp_path / "log.csv", "user,item,timestamp\n1.0,10.0,1\n,11.0,2\n2.0,NaN,3\n")
+  with caplog.at_level("WARNING"):
+    frame = readers.read_interactions(path, time_col="timestamp", missing_ids="drop")
+  assert _rows(frame, "user", "item", "time") == [("1", "10", 1)]
+  assert [r.getMessage() for r in caplog.records] == [
+      f"Dropped 2 rows of {path} with a missing user or item id (empty, NaN or null; "
+      "--config.data.missing_ids=drop): rows 3 and 4, counting the header as row 1 as a "
+      "spreadsheet does."]
+  path = _write(tmp_path / "Beauty.txt", "1 2 nan 3\n")  # Positions close up.
+  frame = readers.read_interactions(path, missing_ids="drop")
+  assert _rows(frame, "user", "item", "time") == [("1", "2", 0), ("1", "3", 1)]

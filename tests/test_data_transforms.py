@@ -6,7 +6,7 @@ import pytest
 
 from diffurec_jax import config as config_lib
 from diffurec_jax import data
-from diffurec_jax.data import transforms
+from diffurec_jax.data import splits, transforms
 
 
 def _frame(rows, with_time=True):
@@ -51,13 +51,33 @@ def test_item_core_only():
   assert _pairs(transforms.k_core(frame, 0, 2)[0]) == [("A", "x"), ("B", "x")]
 
 
-def test_stable_chronological_order_with_ties():
-  frame = _frame([("u", "a", 3), ("v", "p", 9), ("u", "b", 1), ("u", "c", 1), ("v", "q", 1),
-                  ("u", "d", 2)])
+def test_chronological_order_and_the_tie_rule():
+  frame = _frame([("u", "a", 3), ("v", "p", 9), ("u", "c", 1), ("u", "b", 1), ("v", "q", 1),
+                  ("u", "d", 2), ("v", "9", 9), ("v", "10", 9)])
   ordered = transforms.sort_chronologically(frame)
-  # Users in order of first appearance; within a user by time, ties (b, c) in file order.
+  # Users in order of first appearance; within a user by time, ties by item id as text (b
+  # before c, '10' before '9' before 'p'), whatever their order in the file.
   assert _pairs(ordered) == [("u", "b"), ("u", "c"), ("u", "d"), ("u", "a"), ("v", "q"),
-                             ("v", "p")]
+                             ("v", "10"), ("v", "9"), ("v", "p")]
+
+
+def test_exact_duplicates_keep_file_order():
+  frame = _frame([("u", "b", 1), ("u", "a", 1), ("u", "b", 1), ("u", "a", 0)])
+  frame = frame.with_columns(rating=pl.Series([5.0, 4.0, 3.0, 2.0]))
+  ordered = transforms.sort_chronologically(frame)
+  assert list(zip(ordered["item"], ordered["rating"])) == [("a", 2.0), ("a", 4.0), ("b", 5.0),
+                                                           ("b", 3.0)]
+
+
+@pytest.mark.parametrize("rows, expected", [
+    ([("u", "a", 1), ("u", "b", 2), ("v", "a", 1)], (0, 0)),  # Equal times of other users.
+    ([("u", "a", 1), ("u", "b", 1), ("u", "c", 1), ("u", "d", 2), ("v", "a", 5), ("v", "b", 5)],
+     (2, 5)),
+    ([("u", "a", 1), ("u", "a", 1)], (1, 2)),  # A repeated interaction is a tie too.
+])
+def test_count_time_ties(rows, expected):
+  assert transforms.count_time_ties(_frame(rows)) == expected
+  assert transforms.count_time_ties(_frame([row[:2] for row in rows], with_time=False)) == (0, 0)
 
 
 def test_no_time_column_keeps_file_order():
@@ -96,10 +116,10 @@ def test_remap_in_order_of_first_appearance():
 
 def test_prepare_orders_and_maps_ids(tmp_path, data_config):
   ds = _prepare(tmp_path, data_config,
-                "user,item,timestamp\nB,x,5\nA,y,1\nB,y,5\nA,z,0\nB,z,4\nA,x,2\n")
+                "user,item,timestamp\nB,y,5\nA,y,1\nB,x,5\nA,z,0\nB,z,4\nA,x,2\n")
   assert (ds.num_users, ds.num_items) == (2, 3)
   np.testing.assert_array_equal(ds.user_ids, ["B", "A"])
-  np.testing.assert_array_equal(ds.item_ids, ["", "z", "x", "y"])  # B: z x y (tie x, y kept).
+  np.testing.assert_array_equal(ds.item_ids, ["", "z", "x", "y"])  # B: z x y (tie by item id).
   np.testing.assert_array_equal(ds.items, [1, 2, 3, 1, 3, 2])  # A: z y x.
   np.testing.assert_array_equal(ds.offsets, [0, 3, 6])
   assert ds.items.dtype == np.int32 and ds.offsets.dtype == np.int64
@@ -182,3 +202,54 @@ def test_bad_config_values(tmp_path, data_config):
   data_config.dedup = "most"
   with pytest.raises(data.DataError, match="--config.data.dedup='most' is not valid"):
     _prepare(tmp_path, data_config, "user,item,timestamp\na,x,1\n")
+
+
+def _user_sequences(ds):
+  """{original user id: its original item ids, oldest first}, whatever the numbering."""
+  return {user: tuple(ds.item_ids[ds.sequence(index)]) for index, user in enumerate(ds.user_ids)}
+
+
+def _held_out(ds, split):
+  """{original user id: original id of its held-out `split` item}."""
+  examples = splits.eval_examples(ds, split)
+  return dict(zip(ds.user_ids[examples.users], ds.item_ids[examples.targets]))
+
+
+def test_shuffled_file_with_ties_prepares_the_same_dataset(tmp_path, data_config, caplog):
+  # 40 users with 3 to 8 interactions on 6 days: most users have ties, the last two items
+  # (valid, test) often among them; items 1..39 compare as text ('10' before '9').
+  rng = np.random.default_rng(0)
+  rows = [(f"u{user}", str(rng.integers(1, 40)), int(rng.integers(0, 6)))
+          for user in range(40) for _ in range(rng.integers(3, 9))]
+  frame = pl.DataFrame(rows, schema=["user", "item", "timestamp"], orient="row")
+  tied = [row for row in rows if sum(other[0::2] == row[0::2] for other in rows) > 1]
+  expected_line = (f"{len(tied)} interaction(s) of {len({row[0] for row in tied})} user(s) in "
+                   "{path} have the same timestamp as another of the same user; these ties are "
+                   "ordered by item id (compared as text), not by their order in the file.")
+  prepared = []
+  for seed in range(4):
+    shuffled = frame if seed == 0 else frame.sample(fraction=1.0, shuffle=True, seed=seed)
+    path = tmp_path / f"log{seed}.csv"
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+      ds = _prepare(tmp_path, data_config, shuffled.write_csv(), name=path.name)
+    assert [r.getMessage() for r in caplog.records if "same timestamp" in r.getMessage()] == [
+        expected_line.format(path=path)]
+    prepared.append(ds)
+  first = prepared[0]
+  for ds in prepared[1:]:
+    assert _user_sequences(ds) == _user_sequences(first)
+    assert _held_out(ds, "valid") == _held_out(first, "valid")
+    assert _held_out(ds, "test") == _held_out(first, "test")
+    assert sorted(ds.item_ids) == sorted(first.item_ids)
+  # The rule itself: by day, then item id as text.
+  for user, sequence in _user_sequences(first).items():
+    keys = sorted((day, item) for name, item, day in rows if name == user)
+    assert sequence == tuple(item for _, item in keys), user
+
+
+def test_sequence_files_keep_their_order(tmp_path, data_config, caplog):
+  with caplog.at_level("WARNING"):
+    ds = _prepare(tmp_path, data_config, "1 9 10 2 9\n2 3 1 3\n", name="Beauty.txt")
+  assert _user_sequences(ds) == {"1": ("9", "10", "2", "9"), "2": ("3", "1", "3")}
+  assert not [r for r in caplog.records if "same timestamp" in r.getMessage()]

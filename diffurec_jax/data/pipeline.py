@@ -26,7 +26,7 @@ from absl import logging
 from diffurec_jax.data import readers, registry, splits, transforms
 from diffurec_jax.data.errors import DataError
 
-CACHE_VERSION = 1  # Bump when the pipeline's output changes for the same config.
+CACHE_VERSION = 2  # Bump when the pipeline's output changes for the same config.
 # Config fields that do not change the prepared data (the raw path is keyed instead of root).
 _NOT_IN_CACHE_KEY = ("cache_dir", "download", "max_len", "root")
 
@@ -141,7 +141,7 @@ class Dataset:
 
 def _check_config(data_config) -> None:
   choices = {"format": ("auto",) + readers.FORMATS, "dedup": transforms.DEDUP_MODES,
-             "short_users": transforms.SHORT_USER_MODES}
+             "short_users": transforms.SHORT_USER_MODES, "missing_ids": readers.MISSING_ID_MODES}
   for field, allowed in choices.items():
     if data_config[field] not in allowed:
       raise DataError(f"--config.data.{field}={data_config[field]!r} is not valid; "
@@ -161,7 +161,8 @@ def build(spec: registry.ReadSpec, data_config) -> Dataset:
   """Reads and prepares the raw file `spec` (no cache)."""
   source = str(spec.path)
   frame = readers.read_interactions(spec.path, spec.format, spec.user_col, spec.item_col,
-                                    spec.time_col, spec.rating_col, spec.separator)
+                                    spec.time_col, spec.rating_col, spec.separator,
+                                    data_config.missing_ids)
   _require_rows(frame, "reading", source, "add interactions to the file")
   logging.info("Read %d interactions from %s.", len(frame), source)
   frame = transforms.add_file_order(frame)
@@ -169,6 +170,11 @@ def build(spec: registry.ReadSpec, data_config) -> Dataset:
   _require_rows(frame, f"the rating filter --config.data.min_rating={data_config.min_rating}",
                 source, "lower --config.data.min_rating (-1 keeps every rating)")
   frame = transforms.sort_chronologically(frame)
+  tied_users, tied_interactions = transforms.count_time_ties(frame)
+  if tied_interactions:
+    logging.warning("%d interaction(s) of %d user(s) in %s have the same timestamp as another "
+                    "of the same user; these ties are ordered by item id (compared as text), not "
+                    "by their order in the file.", tied_interactions, tied_users, source)
   frame = transforms.deduplicate(frame, data_config.dedup)
   frame, passes = transforms.k_core(frame, int(data_config.user_core), int(data_config.item_core))
   _require_rows(frame, f"k-core filtering (--config.data.user_core={data_config.user_core}, "

@@ -44,18 +44,21 @@ class Source:
   member: str = ""  # For archives: the member to extract as relpath.
 
 
+# The derived long files are read in their `seq_pos` order: the primary file's order (by time,
+# S3-Rec's tie-break), so a fallback prepares the same dataset as the primary file; their
+# `timestamp` column has ties (whole days), which the pipeline would order by item id instead.
 REGISTRY: dict[str, tuple[Source, ...]] = {
     "beauty": (
         Source("beauty/s3rec/Beauty.txt", "sequences", url=_S3REC + "Beauty.txt",
                checksum="sha256:226cce9c3105299ca0db9615d7d3fb32b3175e90da43100ae352599f0f0107b8"),
         Source("beauty/derived/beauty_5core_timestamped.csv.gz", "long", "user_id", "item_id",
-               "timestamp"),
+               "seq_pos"),
     ),
     "toys": (
         Source("toys/s3rec/Toys_and_Games.txt", "sequences", url=_S3REC + "Toys_and_Games.txt",
                checksum="sha256:176c680c688d497598c4a89a03b402c0fe78d795e5db335c2e78dd5f2d778a3f"),
         Source("toys/derived/toys_5core_timestamped.csv.gz", "long", "user_id", "item_id",
-               "timestamp"),
+               "seq_pos"),
     ),
     "ml-1m": (
         Source("ml-1m/ratings.dat", "movielens",

@@ -42,12 +42,25 @@ def filter_rating(frame: pl.DataFrame, min_rating: float, source: str) -> pl.Dat
 
 
 def sort_chronologically(frame: pl.DataFrame) -> pl.DataFrame:
-  """Groups users in order of first appearance; each user's rows by time, ties in file order.
+  """Groups users in order of first appearance; each user's rows by time.
 
-  Without a `time` column the file order is the chronological order.
+  Ties (rows of one user with equal times) are ordered by item id, compared as the
+  readers' normalised id text (so '10' comes before '9'), then exact duplicates in
+  file order: shuffling the rows of a file changes no user's sequence (only the
+  numbering of users and items, which follows first appearance). Without a `time`
+  column the file order is the chronological order; S3-Rec sequence files have their
+  positions as times, so no ties.
   """
-  keys = ["first_row", "time", "row"] if "time" in frame.columns else ["first_row", "row"]
+  keys = ["first_row", "time", "item", "row"] if "time" in frame.columns else ["first_row", "row"]
   return frame.sort(keys, maintain_order=True)
+
+
+def count_time_ties(frame: pl.DataFrame) -> tuple[int, int]:
+  """(users, interactions) of rows sharing their user's time with another row; (0, 0) if no time."""
+  if "time" not in frame.columns:
+    return 0, 0
+  tied = frame.filter(pl.len().over(["user", "time"]) > 1)
+  return tied["user"].n_unique(), len(tied)
 
 
 def deduplicate(frame: pl.DataFrame, mode: str) -> pl.DataFrame:

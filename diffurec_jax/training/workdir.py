@@ -42,7 +42,7 @@ _ADDED_FIELDS = {
     "train.valid_steps": 0, "train.lr_schedule": "step", "train.warmup_epochs": 0.0,
     "model.cross_attention_form": "dot_product", "model.share_cross_attention_norm": False,
     "model.cross_fill_padding_queries": False, "model.every_block_reads_input": False,
-    "train.microbatch_tokens": 0,
+    "train.microbatch_tokens": 0, "data.missing_ids": "error",
 }
 
 
