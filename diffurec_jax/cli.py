@@ -54,7 +54,12 @@ def run_guarded(function):
   """Runs `function`; user errors become `error: ...` (exit 2), interrupts exit 130."""
   from diffurec_jax.training import interrupt
   try:
-    return function()
+    if _EARLY_SIGINT["seen"]:  # A Ctrl-C during the imports that a GC callback swallowed.
+      raise KeyboardInterrupt
+    result = function()
+    if _EARLY_SIGINT["seen"]:
+      raise KeyboardInterrupt
+    return result
   except interrupt.Interrupted as error:
     if verbose():
       raise
@@ -146,8 +151,36 @@ def parse_flags(argv):
     sys.exit(2)
 
 
+_EARLY_SIGINT = {"seen": False}
+
+
+def _install_early_sigint_handler():
+  """Before a script imports the heavy libraries: Ctrl-C raises KeyboardInterrupt and is
+  remembered, so one that lands in a garbage-collector callback (where Python swallows
+  exceptions and prints 'Exception ignored') still stops the script (run_guarded checks)."""
+  import signal
+  import threading
+  if threading.current_thread() is not threading.main_thread():
+    return
+
+  def handle(number, frame):
+    del number, frame
+    _EARLY_SIGINT["seen"] = True
+    raise KeyboardInterrupt
+
+  signal.signal(signal.SIGINT, handle)
+  previous = sys.unraisablehook
+
+  def quiet(unraisable):
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+      previous(unraisable)
+
+  sys.unraisablehook = quiet
+
+
 def run(main):
   """absl.app.run(main) with `parse_flags`; a Ctrl-C before `run_guarded` is one line too."""
+  _install_early_sigint_handler()
   try:
     app.run(main, flags_parser=parse_flags)
   except KeyboardInterrupt:

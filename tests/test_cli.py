@@ -6,6 +6,7 @@ only a real process shows the behaviour: Ctrl-C, and one exit status as the shel
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import helpers_train as helpers
 from helpers_train import synthetic_data, trained_run, trained_workdir  # noqa: F401  (fixtures)
 
 from diffurec_jax.lab import report
+from diffurec_jax.training import interrupt
 from diffurec_jax.training import workdir as workdir_lib
 
 
@@ -63,6 +65,30 @@ def test_ctrl_c_saves_and_the_rerun_resumes(synthetic_data, tmp_path):
     assert len(lines) == 1 and "rerun the same command to resume" in lines[0], err[-3000:]
     assert "Traceback" not in err
   assert not (tmp_path / "run" / "results.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("after_s", [0.3, 1.0, 2.0])
+def test_ctrl_c_in_the_first_seconds_is_one_line(synthetic_data, tmp_path, after_s):
+  """During imports, flag parsing, data preparation, set-up or the first compilation: exit 130,
+  one line (plus the notice when a compilation delays the stop), no traceback and no
+  'Exception ignored' (a signal can land inside a JAX GC callback)."""
+  env = dict(os.environ, DIFFUREC_DATA=str(synthetic_data), **helpers.COMPILATION_CACHE_ENV)
+  process = subprocess.Popen(
+      [sys.executable, str(helpers.REPO / "bin" / "train.py"), *helpers.cli_flags(),
+       "--workdir", str(tmp_path / "run")], cwd=helpers.REPO, env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      # As from a terminal: a parent started in the background may ignore SIGINT.
+      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  time.sleep(after_s)
+  process.send_signal(signal.SIGINT)
+  _, err = process.communicate(timeout=120)
+  lines = [line for line in err.replace("\r", "\n").splitlines()  # Less bars and log lines.
+           if line.strip() and "it/s" not in line and "step/s" not in line and "?" not in line
+           and not re.match(r"[IW]\d{4} ", line) and line != interrupt.NOTICE]
+  assert process.returncode == 130, err[-3000:]
+  assert len(lines) == 1 and lines[0].startswith("interrupted"), err[-3000:]
+  assert "Traceback" not in err and "Exception ignored" not in err
 
 
 # Time: epoch i/N, compilation, validation, remaining time ----------------------------------
