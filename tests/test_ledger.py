@@ -182,3 +182,15 @@ def test_user_level_paired_tests_against_each_baseline(tmp_path):
   assert (test["t"], test["p"], test["pairs"]) == (float(expected.statistic),
                                                    float(expected.pvalue), 50)
   assert "| v2 | diffurec | 1 / 1 | 50 |" in "\n".join(ledger_report.user_tests_section(tests))
+
+
+def test_elapsed_time_counts_the_pause_between_resumes():
+  records = [{"split": "train", "epoch": 1, "wall_s": 100.0, "time": 1000.0},
+             {"split": "valid", "epoch": 1, "wall_s": 110.0, "time": 1010.0},
+             # Killed here; resumed 600 s later: wall_s goes on from 110, time jumps.
+             {"split": "train", "epoch": 2, "wall_s": 200.0, "time": 1700.0}]
+  assert ledger_report.elapsed_seconds(records) == 100.0 + 700.0
+  assert ledger_report.elapsed_seconds([{"split": "train", "wall_s": 5.0}]) is None
+  row = {"minutes_total": 200.0, "elapsed_total": 800.0}
+  assert ledger_report._elapsed_note(row) == " (elapsed 13.3)"
+  assert ledger_report._elapsed_note({"minutes_total": 200.0, "elapsed_total": 205.0}) == ""

@@ -46,6 +46,14 @@ def _minutes(seconds) -> str:
   return "-" if seconds is None else f"{seconds / 60:.1f}"
 
 
+def _elapsed_note(row: dict) -> str:
+  """' (elapsed 147.1)' when pauses between resumes made the elapsed time 5% longer."""
+  active, elapsed = row["minutes_total"], row.get("elapsed_total")
+  if active is None or elapsed is None or elapsed <= 1.05 * active:
+    return ""
+  return f" (elapsed {_minutes(elapsed)})"
+
+
 def _paper_label(dataset: str, variant: str) -> str | None:
   published = report_lib.published_results(dataset)
   return next((label for label in PAPER_ROWS.get(variant, ()) if label in published), None)
@@ -84,6 +92,16 @@ def _made_text(made: dict) -> str:
           f"{early}.{note}")
 
 
+def elapsed_seconds(records: list[dict]) -> float | None:
+  """Wall-clock from the run's start to its last record, pauses between resumes included:
+  the first record's `wall_s` (its time since the start) plus the span of the records' `time`
+  stamps. None without time stamps. `wall_s` itself counts only time a process was running."""
+  stamped = [r for r in records if "time" in r and "wall_s" in r]
+  if not stamped:
+    return None
+  return stamped[0]["wall_s"] + stamped[-1]["time"] - stamped[0]["time"]
+
+
 def summary_row(dataset, name, runs) -> dict:
   """One table row: test metrics mean/std over seeds, the paper's, time and epochs."""
   row = {"dataset": dataset, "name": name, "seeds": len(runs),
@@ -96,6 +114,7 @@ def summary_row(dataset, name, runs) -> dict:
     best_times.append(best.get("wall_s") if best else None)
   row["minutes_to_best"] = _mean_std(best_times)[0]
   row["minutes_total"] = _mean_std([r.results.get("wall_s") for r in runs])[0]
+  row["elapsed_total"] = _mean_std([elapsed_seconds(r.metrics) for r in runs])[0]
   row["best_epoch"] = [r.results["best_epoch"] for r in runs]
   row["epochs_run"] = [r.results["epochs_run"] for r in runs]
   # Early stopping fired when the run ended before its configured last epoch.
@@ -263,7 +282,8 @@ def build_markdown(root: str, figures_dir: str, figures_link: str) -> str:
     lines += [f"## {title}", ""]
     if rows:
       lines += ["| run | seeds | test HR@10 | test NDCG@10 | paper HR@10 / NDCG@10 | NDCG@10 "
-                "vs paper (points) | best epoch / run | minutes to best / total | validation "
+                "vs paper (points) | best epoch / run | minutes to best / total (elapsed) | "
+                "validation "
                 "(users, steps) | test steps |", "|---|---|---|---|---|---|---|---|---|---|"]
       for row in rows:
         paper = row["paper"]
@@ -274,7 +294,8 @@ def build_markdown(root: str, figures_dir: str, figures_link: str) -> str:
         lines.append(
             f"| {row['name']} | {row['seeds']} | {_percent(*row['hit@10'], row['seeds'])} | "
             f"{_percent(*row['ndcg@10'], row['seeds'])} | {paper_text} | {gap} | {epochs} | "
-            f"{_minutes(row['minutes_to_best'])} / {_minutes(row['minutes_total'])} | "
+            f"{_minutes(row['minutes_to_best'])} / {_minutes(row['minutes_total'])}"
+            f"{_elapsed_note(row)} | "
             f"{row['valid'][0]}, {row['valid'][1]} | {row['test_steps']} |")
       lines += ["", "All test metrics (mean over seeds, percent):", "",
                 "| run | " + " | ".join(ALL_METRICS) + " | history masked |",
