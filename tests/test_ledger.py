@@ -194,3 +194,26 @@ def test_elapsed_time_counts_the_pause_between_resumes():
   row = {"minutes_total": 200.0, "elapsed_total": 800.0}
   assert ledger_report._elapsed_note(row) == " (elapsed 13.3)"
   assert ledger_report._elapsed_note({"minutes_total": 200.0, "elapsed_total": 205.0}) == ""
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_docs_results_is_the_ledger_rebuilt(tmp_path):
+  """docs/results.md is exactly what the ledger in results/ rebuilds (never edited by hand)."""
+  text = ledger_report.build_markdown(os.path.join(REPO_ROOT, "results"), str(tmp_path),
+                                      "figures")
+  with open(os.path.join(REPO_ROOT, "docs", "results.md")) as f:
+    assert f.read() == text + "\n"
+
+
+def test_readme_results_figures_come_from_the_ledger():
+  """Every percentage README's results section quotes appears in docs/results.md."""
+  import re
+  with open(os.path.join(REPO_ROOT, "README.md")) as f:
+    readme = f.read()
+  section = readme[readme.index("## Results and speed"):readme.index("## Configs")]
+  with open(os.path.join(REPO_ROOT, "docs", "results.md")) as f:
+    results = f.read()
+  quoted = set(re.findall(r"(\d+\.\d+)%", section))
+  assert quoted and not {q for q in quoted if q not in results}
