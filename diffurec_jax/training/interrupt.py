@@ -25,8 +25,12 @@ from diffurec_jax.training import checkpoints as checkpoint_lib
 EXIT_STATUS = 130  # 128 + SIGINT, what shells report for Ctrl-C.
 
 
-class Interrupted(Exception):
-  """The run was interrupted by a signal; the message says what was saved and what to do."""
+class Interrupted(BaseException):
+  """The run was interrupted by a signal; the message says what was saved and what to do.
+
+  A BaseException, as KeyboardInterrupt is, so that a library's `except Exception` (JAX's
+  compilation-cache read, orbax) cannot swallow it and carry on.
+  """
 
 
 NOTICE_AFTER_S = 2.0  # A signal not acted on by then waits for a step or an XLA compilation.
