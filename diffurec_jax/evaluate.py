@@ -110,10 +110,8 @@ class Evaluator:
     ranks = np.zeros(len(history_lengths), dtype=np.int64)
     start = time.time()
     for plan in tqdm(self.plans(examples), desc=split, disable=not progress, leave=False):
-      sums, batch_ranks = self.step(bundle, self.batch(plan, examples), key, self.schedule)
-      totals = metrics.accumulate(totals, jax.device_get(sums))
-      valid = plan.indices >= 0
-      ranks[plan.indices[valid]] = np.asarray(jax.device_get(batch_ranks))[valid]
+      output = self.step(bundle, self.batch(plan, examples), key, self.schedule)
+      totals = _collect(totals, ranks, plan, jax.device_get(output))
     result = metrics.finalize(totals)
     result["seconds"] = round(time.time() - start, 3)
     per_user = {"users": examples.users, "targets": examples.targets, "ranks": ranks,
@@ -136,11 +134,18 @@ class Evaluator:
     seconds = time.perf_counter() - start
     totals = {}
     ranks = np.zeros(sum(int((plan.indices >= 0).sum()) for plan, _ in batches), np.int64)
-    for (plan, _), (sums, batch_ranks) in zip(batches, jax.device_get(outputs)):
-      totals = metrics.accumulate(totals, sums)
-      valid = plan.indices >= 0
-      ranks[plan.indices[valid]] = np.asarray(batch_ranks)[valid]
+    for (plan, _), output in zip(batches, jax.device_get(outputs)):
+      totals = _collect(totals, ranks, plan, output)
     return metrics.finalize(totals), ranks, seconds
+
+
+def _collect(totals: dict, ranks: np.ndarray, plan, output) -> dict:
+  """Adds one batch's (metric sums, ranks [B]) on the host: sums to `totals` (returned),
+  the ranks of its real rows into `ranks` at their example indices (padded rows dropped)."""
+  sums, batch_ranks = output
+  valid = plan.indices >= 0
+  ranks[plan.indices[valid]] = np.asarray(batch_ranks)[valid]
+  return metrics.accumulate(totals, sums)
 
 
 @dataclasses.dataclass
