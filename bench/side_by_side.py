@@ -202,12 +202,12 @@ def markdown(summary: dict, options: Options, command: str) -> str:
   return "\n".join(lines)
 
 
-def write_between_markers(path: str, body: str):
-  """Replaces the text between BEGIN and END in `path` (appends both if absent)."""
+def write_between_markers(path: str, body: str, begin: str = BEGIN, end: str = END):
+  """Replaces the text between `begin` and `end` in `path` (appends both if absent)."""
   text = open(path).read() if os.path.exists(path) else ""
-  block = f"{BEGIN}\n{body}\n{END}"
-  if BEGIN in text and END in text:
-    text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+  block = f"{begin}\n{body}\n{end}"
+  if begin in text and end in text:
+    text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
   else:
     text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
   with open(path, "w") as handle:

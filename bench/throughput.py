@@ -19,6 +19,7 @@ table is printed with our figures only. No reference figure is hard-coded.
 """
 
 import json
+import os
 import resource
 import statistics
 import sys
@@ -47,6 +48,9 @@ _BASELINE = flags.DEFINE_bool("baseline", False, "Also time the padded path (no 
 _BASELINE_STEPS = flags.DEFINE_integer("baseline_steps", 4, "Training steps per baseline repeat.")
 _BASELINE_USERS = flags.DEFINE_integer("baseline_users", 128, "Users per baseline repeat.")
 _JSON = flags.DEFINE_bool("json", False, "Print only the JSON line.")
+_BARRIER = flags.DEFINE_string(
+    "barrier", None, "DIR:N: after compiling, wait until N processes have reached DIR before "
+    "timing (bench/pinned.py starts its concurrent children together this way).")
 
 _PART = flags.DEFINE_enum("part", "all", ["all", "train", "infer"],
                           "all: one process as above; train / infer: that part alone (side by "
@@ -87,6 +91,16 @@ def step_flops(jitted, *args) -> float:
   return float(analysis.get("flops", 0.0))
 
 
+def wait_at_barrier(spec: str | None):
+  """Marks this process as ready in DIR and waits until N are (spec 'DIR:N'; None: no wait)."""
+  if not spec:
+    return
+  folder, count = spec.rsplit(":", 1)
+  open(os.path.join(folder, f"ready.{os.getpid()}"), "w").close()
+  while sum(name.startswith("ready.") for name in os.listdir(folder)) < int(count):
+    time.sleep(0.02)
+
+
 def train_throughput(config, dataset, mesh, steps, repeats):
   """(examples/s median, compile seconds, bundle, GFLOP/s achieved) over real batches."""
   run = train_state.build_run(config, dataset, mesh)
@@ -107,6 +121,7 @@ def train_throughput(config, dataset, mesh, steps, repeats):
   for plan in plans:
     if plan.length not in flops_of:
       flops_of[plan.length] = step_flops(step, state, build(plan), key, schedule)
+  wait_at_barrier(_BARRIER.value)
   rates, gflops = [], []
   for repeat in range(repeats):
     chosen = plans[repeat * steps:(repeat + 1) * steps]
