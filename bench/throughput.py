@@ -62,6 +62,7 @@ _VARIANTS = flags.DEFINE_list("variants", ["diffurec", "v1", "v2", "sasrec"],
                               "Side by side: presets of configs/<dataset>.py to measure.")
 _DATASET = flags.DEFINE_string("dataset", "beauty", "Side by side: configs/<dataset>.py.")
 _USERS_4SEEDS = flags.DEFINE_integer("users_4seeds", 0, "Users of the 4-seed timing (0: --users).")
+_FOUR_SEEDS = flags.DEFINE_bool("four_seeds", True, "--part infer: also time a 4-seed ensemble.")
 _UPSTREAM_STEPS = flags.DEFINE_integer("upstream_steps", 10, "Official training steps timed.")
 _UPSTREAM_USERS = flags.DEFINE_integer("upstream_users", 512, "Official inference users timed.")
 _MARKDOWN = flags.DEFINE_string("markdown", None, "Side by side: write the table into this file "
@@ -101,8 +102,16 @@ def wait_at_barrier(spec: str | None):
     time.sleep(0.02)
 
 
+def device_bytes(jitted, *args) -> int:
+  """Bytes one device holds for one call: XLA's arguments + temporaries of the compiled
+  program (per device after partitioning; outputs alias the donated arguments)."""
+  memory = jitted.lower(*args).compile().memory_analysis()
+  return int(memory.argument_size_in_bytes + memory.temp_size_in_bytes)
+
+
 def train_throughput(config, dataset, mesh, steps, repeats):
-  """(examples/s median, compile seconds, bundle, GFLOP/s achieved) over real batches."""
+  """(examples/s median, compile seconds, bundle, GFLOP/s achieved, bytes per device of the
+  longest bucket's step) over real batches."""
   run = train_state.build_run(config, dataset, mesh)
   plans = run.epoch_plan(1)
   bundle, step, schedule = run.bundle, run.train_step, run.schedule
@@ -121,6 +130,8 @@ def train_throughput(config, dataset, mesh, steps, repeats):
   for plan in plans:
     if plan.length not in flops_of:
       flops_of[plan.length] = step_flops(step, state, build(plan), key, schedule)
+  longest = max(plans, key=lambda plan: plan.length)
+  memory = device_bytes(step, state, build(longest), key, schedule)
   wait_at_barrier(_BARRIER.value)
   rates, gflops = [], []
   for repeat in range(repeats):
@@ -134,7 +145,7 @@ def train_throughput(config, dataset, mesh, steps, repeats):
     rates.append(count / seconds)
     gflops.append(sum(flops_of[plan.length] for plan in chosen) / seconds / 1e9)
   return (statistics.median(rates), compile_s, bundle_lib.Bundle(bundle.graphdef, state.params),
-          statistics.median(gflops))
+          statistics.median(gflops), memory)
 
 
 def infer_throughput(config, dataset, mesh, bundle, num_users, repeats):
@@ -154,9 +165,18 @@ def infer_throughput(config, dataset, mesh, bundle, num_users, repeats):
   return num_users / statistics.median(seconds), compile_s
 
 
+def infer_device_bytes(config, dataset, mesh, bundle, num_users: int) -> int:
+  """Bytes one device holds for the evaluation step of the longest histories' batch."""
+  evaluator = evaluate_lib.Evaluator(config, dataset, mesh)
+  subset = evaluator.examples("test", num_users, subset_seed=0)
+  longest = max((batch for _, batch in evaluator.batches(subset)),
+                key=lambda batch: batch["history"].shape[1])
+  return device_bytes(evaluator.step, bundle, longest, jax.random.key(0), evaluator.schedule)
+
+
 def measure(config, mesh, dataset, steps, users, repeats, label=""):
-  train_rate, train_compile, bundle, train_gflops = train_throughput(config, dataset, mesh,
-                                                                    steps, repeats)
+  train_rate, train_compile, bundle, train_gflops, _ = train_throughput(config, dataset, mesh,
+                                                                       steps, repeats)
   _progress(f"{label}train_examples_per_s", round(train_rate, 1))
   infer_rate, infer_compile = infer_throughput(config, dataset, mesh, bundle, users, repeats)
   _progress(f"{label}infer_users_per_s", round(infer_rate, 1))
@@ -192,10 +212,11 @@ def _peak_rss_mb() -> float:
 
 def part_train(config, mesh, dataset) -> dict:
   """The training step alone (a side-by-side child): speed, compile seconds, peak RSS."""
-  rate, compile_s, _, gflops = train_throughput(config, dataset, mesh, _STEPS.value,
-                                                _REPEATS.value)
+  rate, compile_s, _, gflops, memory = train_throughput(config, dataset, mesh, _STEPS.value,
+                                                        _REPEATS.value)
   return {"train_examples_per_s": round(rate, 1), "train_gflops_per_s": round(gflops, 1),
-          "train_compile_s": round(compile_s, 1), "train_peak_rss_mb": _peak_rss_mb()}
+          "train_compile_s": round(compile_s, 1), "train_peak_rss_mb": _peak_rss_mb(),
+          "train_device_mb": round(memory / 2**20, 1)}
 
 
 def part_infer(config, mesh, dataset) -> dict:
@@ -205,18 +226,23 @@ def part_infer(config, mesh, dataset) -> dict:
   bundle = bundle_lib.Bundle(bundle.graphdef, sharding.replicate(bundle.params, mesh))
   users, repeats = _USERS.value, _REPEATS.value
   rate, compile_s = infer_throughput(config, dataset, mesh, bundle, users, repeats)
-  result = {"infer_users_per_s": round(rate, 1), "infer_compile_s": round(compile_s, 1)}
+  result = {"infer_users_per_s": round(rate, 1), "infer_compile_s": round(compile_s, 1),
+            "infer_device_mb": round(infer_device_bytes(config, dataset, mesh, bundle, users)
+                                     / 2**20, 1)}
   if config.variant != "sasrec":  # SASRec has no reverse chain: one forward is its inference.
     one = config.copy_and_resolve_references()
     one.sample.steps = 1
     rate1, compile1 = infer_throughput(one, dataset, mesh, bundle, users, repeats)
-    seeds4 = config.copy_and_resolve_references()
-    seeds4.sample.seeds = 4  # A quarter of the users per batch: the same chains per batch.
-    seeds4.train.eval_batch_size = max(config.train.eval_batch_size // 4, 1)
-    rate4, compile4 = infer_throughput(seeds4, dataset, mesh, bundle,
-                                       _USERS_4SEEDS.value or users, repeats)
+    rate4, compile4 = None, 0.0
+    if _FOUR_SEEDS.value:
+      seeds4 = config.copy_and_resolve_references()
+      seeds4.sample.seeds = 4  # A quarter of the users per batch: the same chains per batch.
+      seeds4.train.eval_batch_size = max(config.train.eval_batch_size // 4, 1)
+      rate4, compile4 = infer_throughput(seeds4, dataset, mesh, bundle,
+                                         _USERS_4SEEDS.value or users, repeats)
+      rate4 = round(rate4, 1)
     result.update({"infer_users_per_s_1step": round(rate1, 1),
-                   "infer_users_per_s_4seeds": round(rate4, 1),
+                   "infer_users_per_s_4seeds": rate4,
                    "infer_compile_s": round(compile_s + compile1 + compile4, 1)})
   result["infer_peak_rss_mb"] = _peak_rss_mb()
   return result
@@ -236,7 +262,7 @@ def main(argv):
   config = _CONFIG.value
   config.train.eval_batch_size = _EVAL_BATCH.value
   jax.config.update("jax_enable_compilation_cache", False)  # Compile seconds are cold.
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(config.catalog.shards)
   dataset = data_lib.prepare(config.data)
   result = _header(config)
   if _PART.value != "all":

@@ -6,6 +6,7 @@ and the flag that fixes it, so a typo costs a second instead of an epoch.
 
 from __future__ import annotations
 
+from diffurec_jax import catalog
 from diffurec_jax import config as config_lib
 from diffurec_jax import diffusion
 from diffurec_jax import errors
@@ -57,6 +58,14 @@ def _problems(config) -> list[str]:
   for field in ("dropout", "emb_dropout"):
     need(0.0 <= model[field] < 1.0, f"model.{field}", "in [0, 1)")
   need(model.lambda_std >= 0, "model.lambda_std", ">= 0")
+  need(integer(config.catalog.block) and config.catalog.block >= 0, "catalog.block",
+       "an integer >= 0 (0 = score all items at once)")
+  need(integer(config.catalog.shards) and config.catalog.shards >= 1, "catalog.shards",
+       "an integer >= 1")
+  one_of("catalog.loss", catalog.LOSSES)
+  one_of("catalog.negative_sampler", catalog.NEGATIVE_SAMPLERS)
+  need(integer(config.catalog.negatives) and config.catalog.negatives >= 1,
+       "catalog.negatives", "an integer >= 1")
   need(model.item_init_std > 0, "model.item_init_std", "> 0")
   one_of("model.mixing", mixing.MIXINGS)
   one_of("model.schedule", diffusion.SCHEDULES)

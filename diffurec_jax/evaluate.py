@@ -16,12 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from diffurec_jax import catalog
 from diffurec_jax import metrics
 from diffurec_jax import samplers
 from diffurec_jax import sharding
 from diffurec_jax.data import batches as batches_lib
 from diffurec_jax.data import splits
 from diffurec_jax.models import bundle as bundle_lib
+from diffurec_jax.models import diffurec as model_lib
 from diffurec_jax.training import checkpoints as checkpoint_lib
 from diffurec_jax.training import optimizer as optimizer_lib
 from diffurec_jax.training import state as train_state
@@ -29,15 +31,34 @@ from diffurec_jax.training import workdir as workdir_lib
 
 
 def make_eval_step(config):
-  """jit(bundle, batch, key, schedule) -> (metric sums, ranks [B], log_probs top-k)."""
-  scorer = samplers.make_scorer(config)
+  """jit(bundle, batch, key, schedule) -> (metric sums, ranks [B])."""
   mask_history = config.train.mask_history
+  block = catalog.block_size(config.catalog.block, config.catalog.shards)
+  if block:
+    return _blockwise_eval_step(config, block, mask_history)
+  scorer = samplers.make_scorer(config)
 
   def eval_step(bundle, batch, key, schedule):
     log_probs = scorer(bundle, batch["history"], batch["users"], key, schedule)
     history = batch["history"] if mask_history else None
     sums, ranks = metrics.evaluate_batch(log_probs, batch["targets"], batch["weights"], history)
     return sums, ranks
+
+  return jax.jit(eval_step)
+
+
+def _blockwise_eval_step(config, block: int, mask_history: bool):
+  """The same sums and ranks with the items scored in blocks (catalog.py): no [B, N+1]."""
+  queries = samplers.make_queries(config)
+
+  def eval_step(bundle, batch, key, schedule):
+    x = queries(bundle, batch["history"], batch["users"], key, schedule)
+    model = bundle_lib.merge(bundle)
+    spec = catalog.Spec(model.num_items, block, getattr(model, "score_scale", 1.0))
+    history = batch["history"] if mask_history else None
+    ranks, _, _ = catalog.ranks_and_top_k(x, model_lib.item_table(bundle),
+                                          batch["targets"], spec, history)
+    return metrics.metric_sums(ranks, batch["weights"]), ranks
 
   return jax.jit(eval_step)
 
@@ -68,7 +89,7 @@ class Evaluator:
 
   def __init__(self, config, dataset, mesh):
     self.config, self.dataset, self.mesh = config, dataset, mesh
-    self.step = make_eval_step(config)
+    self.step = sharding.under_mesh(make_eval_step(config), mesh)
     self.schedule = samplers.sampling_schedule(config)
     self.lengths = batches_lib.padded_lengths(config)
 
@@ -106,6 +127,8 @@ class Evaluator:
     examples = self.examples(split, max_users)
     history_lengths = (examples.ends - examples.starts).astype(np.int64)
     key = self.key()
+    if sharding.item_shards(self.mesh) > 1:  # The table's rows go to their devices.
+      bundle = bundle_lib.Bundle(bundle.graphdef, sharding.replicate(bundle.params, self.mesh))
     totals = {}
     ranks = np.zeros(len(history_lengths), dtype=np.int64)
     start = time.time()
@@ -202,7 +225,7 @@ def evaluate_workdir(workdir: str, split: str = "test", *, seeds: int = 0, steps
   """(metrics, per-user arrays, Loaded) of `workdir`'s best checkpoint on `split`, exactly as
   training computed them; seeds/steps/sampler override the run's sampling."""
   loaded, dataset = load_with_data(workdir, seeds=seeds, steps=steps, sampler=sampler)
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(loaded.config.catalog.shards)
   sharding.check_batch_size(loaded.config.train.eval_batch_size, mesh,
                             "train.eval_batch_size")
   result, per_user = Evaluator(loaded.config, dataset, mesh).evaluate(

@@ -22,6 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from diffurec_jax import catalog
 from diffurec_jax.models import bundle as bundle_lib
 from diffurec_jax.models import diffurec as model_lib
 from diffurec_jax.models import sasrec as sasrec_lib
@@ -73,7 +74,7 @@ def run_chain(model, e, key_mask, history, user_keys, schedule, *, sampler, vari
 
   start = user_normal(user_keys, (hidden,))
   if sampler == "one_step":
-    last_item = model.item_embedding[...][history[:, -1]]
+    last_item = catalog.lookup(model.item_embedding[...], history[:, -1])
     last = jnp.full((batch,), num_kept - 1)
     x_t = diffusion.q_sample(schedule, last_item, last, start)
     return model.approximate(e, key_mask, x_t, schedule.timesteps[last], lambdas_at(num_kept))
@@ -95,9 +96,9 @@ def ensemble_log_probs(scores):
   return jax.scipy.special.logsumexp(log_probs, axis=0) - jnp.log(scores.shape[0])
 
 
-def diffusion_log_probs(bundle, history, users, key, schedule, *, sampler="reverse",
-                        num_seeds=1, variance="beta", eta=0.0):
-  """history [B, L], users [B] int32 -> log item probabilities [B, N+1]."""
+def diffusion_queries(bundle, history, users, key, schedule, *, sampler="reverse",
+                      num_seeds=1, variance="beta", eta=0.0):
+  """history [B, L], users [B] int32 -> the S chains' x0 [S, B, H]."""
   if sampler not in SAMPLERS:
     raise ValueError(f"sample.sampler={sampler!r}; use one of {SAMPLERS}.")
   model = bundle_lib.merge(bundle)
@@ -107,9 +108,20 @@ def diffusion_log_probs(bundle, history, users, key, schedule, *, sampler="rever
     return run_chain(model, e, key_mask, history, chain_keys(key, seed, users), schedule,
                      sampler=sampler, variance=variance, eta=eta)
 
-  x0 = jax.vmap(chain)(jnp.arange(num_seeds))
+  return jax.vmap(chain)(jnp.arange(num_seeds))
+
+
+def diffusion_log_probs(bundle, history, users, key, schedule, **options):
+  """history [B, L], users [B] int32 -> log item probabilities [B, N+1]."""
+  x0 = diffusion_queries(bundle, history, users, key, schedule, **options)
   table = model_lib.item_table(bundle)
   return ensemble_log_probs(model_lib.score(x0, table, model_lib.score_scale(bundle)))
+
+
+def sasrec_queries(bundle, history, users, key, schedule=None, **unused):
+  """SASRec's last hidden state [1, B, H] (deterministic: one 'chain')."""
+  del users, key, schedule, unused
+  return sasrec_lib.last_hidden(bundle, history)[None]
 
 
 def sasrec_log_probs(bundle, history, users, key, schedule=None, **unused):
@@ -119,10 +131,22 @@ def sasrec_log_probs(bundle, history, users, key, schedule=None, **unused):
   return jax.nn.log_softmax(model_lib.score(hidden, model_lib.item_table(bundle)), axis=-1)
 
 
+def _options(config) -> dict:
+  return {"sampler": config.sample.sampler, "num_seeds": config.sample.seeds,
+          "variance": config.model.reverse_variance, "eta": config.sample.eta}
+
+
 def make_scorer(config):
   """A pure function (bundle, history, users, key, schedule) -> log probs [B, N+1]."""
   if config.variant == "sasrec":
     return sasrec_log_probs
-  return functools.partial(
-      diffusion_log_probs, sampler=config.sample.sampler, num_seeds=config.sample.seeds,
-      variance=config.model.reverse_variance, eta=config.sample.eta)
+  return functools.partial(diffusion_log_probs, **_options(config))
+
+
+def make_queries(config):
+  """A pure function (bundle, history, users, key, schedule) -> queries [S, B, H] whose
+  scores against the item table (x . E^T, times the model's score_scale) give the item
+  distributions; the blockwise catalog (catalog.py) ranks them without [B, N+1] logits."""
+  if config.variant == "sasrec":
+    return sasrec_queries
+  return functools.partial(diffusion_queries, **_options(config))

@@ -19,11 +19,15 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
+from diffurec_jax import catalog
 from diffurec_jax import errors
 from diffurec_jax import evaluate as evaluate_lib
 from diffurec_jax import samplers
+from diffurec_jax import sharding
 from diffurec_jax.data import batches as batches_lib
 from diffurec_jax.data import splits
+from diffurec_jax.models import bundle as bundle_lib
+from diffurec_jax.models import diffurec as model_lib
 from diffurec_jax.training import checkpoints as checkpoint_lib
 from diffurec_jax.training import workdir as workdir_lib
 
@@ -136,6 +140,31 @@ def check_topk(topk: int, num_items: int):
                      f"--topk {num_items} or fewer.")
 
 
+def top_items_function(config, candidates: int):
+  """(bundle, batch, key, schedule) -> (log probs [B, candidates], item ids [B, candidates]),
+  best first; the padding item never appears. Blockwise (catalog.py) when catalog.block or
+  catalog.shards asks for it: no [B, N+1] scores."""
+  block = catalog.block_size(config.catalog.block, config.catalog.shards)
+  if block:
+    queries = samplers.make_queries(config)
+
+    def blockwise(bundle, batch, key, schedule):
+      x = queries(bundle, batch["history"], batch["users"], key, schedule)
+      model = bundle_lib.merge(bundle)
+      spec = catalog.Spec(model.num_items, block, getattr(model, "score_scale", 1.0))
+      return catalog.top_k(x, model_lib.item_table(bundle), spec, candidates)
+
+    return blockwise
+  scorer = samplers.make_scorer(config)
+
+  def dense(bundle, batch, key, schedule):
+    log_probs = scorer(bundle, batch["history"], batch["users"], key, schedule)
+    log_probs = log_probs.at[:, 0].set(-jnp.inf)  # The padding item is never recommended.
+    return jax.lax.top_k(log_probs, candidates)
+
+  return dense
+
+
 def recommend(loaded: evaluate_lib.Loaded, users: list[str], sequences: list[list[str]], *, topk: int,
               batch_size: int = 256, progress: bool = True,
               exclude_history: bool = True) -> tuple[pl.DataFrame, dict]:
@@ -163,14 +192,13 @@ def recommend(loaded: evaluate_lib.Loaded, users: list[str], sequences: list[lis
   examples = splits.Examples(
       users=np.asarray([user_lookup.get(users[k], k) for k in rows_ok], dtype=np.int32),
       starts=ends - lengths, ends=ends, targets=np.zeros(len(rows_ok), np.int32))
-  scorer = samplers.make_scorer(config)
-
-  @jax.jit
-  def top_items(bundle, batch, key, schedule):
-    log_probs = scorer(bundle, batch["history"], batch["users"], key, schedule)
-    log_probs = log_probs.at[:, 0].set(-jnp.inf)  # The padding item is never recommended.
-    return jax.lax.top_k(log_probs, candidates)
-
+  mesh = sharding.make_mesh(config.catalog.shards) if config.catalog.shards > 1 else None
+  top_items = jax.jit(top_items_function(config, candidates))
+  bundle = loaded.bundle
+  if mesh is not None:  # The item table's rows on their devices; batches over 'data'.
+    sharding.check_batch_size(batch_size, mesh, "batch_size")
+    top_items = sharding.under_mesh(top_items, mesh)
+    bundle = bundle_lib.Bundle(bundle.graphdef, sharding.replicate(bundle.params, mesh))
   schedule = samplers.sampling_schedule(config)
   key = jax.random.key(config.sample.seed)
   lengths_bucket = batches_lib.padded_lengths(config)
@@ -179,7 +207,9 @@ def recommend(loaded: evaluate_lib.Loaded, users: list[str], sequences: list[lis
   items = np.zeros((len(rows_ok), candidates), np.int64)
   for plan in tqdm(plans, desc="recommend", disable=not progress, leave=False):
     batch = batches_lib.build(plan, examples, flat)
-    values, indices = jax.device_get(top_items(loaded.bundle, batch, key, schedule))
+    if mesh is not None:
+      batch = sharding.shard_batch(batch, mesh)
+    values, indices = jax.device_get(top_items(bundle, batch, key, schedule))
     valid = plan.indices >= 0
     scores[plan.indices[valid]] = values[valid]
     items[plan.indices[valid]] = indices[valid]

@@ -16,6 +16,7 @@ RULES = {
     "diffusion": _ABOVE_MODEL,
     "samplers": _ABOVE_MODEL,
     "metrics": _ABOVE_MODEL,
+    "catalog": _ABOVE_MODEL,
     "sharding": _ABOVE_MODEL,
     "errors": _ABOVE_MODEL,
     "config": _ABOVE_MODEL,

@@ -29,7 +29,7 @@ config_path, out = sys.argv[1], sys.argv[2]
 with open(config_path) as f:
   config = ml_collections.ConfigDict(json.load(f))
 dataset = data.prepare(config.data)
-mesh = sharding.make_mesh()
+mesh = sharding.make_mesh(config.catalog.shards)
 run = train_state.build_run(config, dataset, mesh)
 state = sharding.replicate(run.initial_state(), mesh)
 losses = []
@@ -55,40 +55,64 @@ def _env(devices: int) -> dict:
           "JAX_PLATFORMS": "cpu"}
 
 
-def test_four_devices_match_one(synthetic_data, tmp_path):
-  config = helpers.tiny_config(synthetic_data, {"train.max_steps_per_epoch": 3})
-  (tmp_path / "config.json").write_text(config.to_json())
+def _run_each(configs: dict, tmp_path, data_root) -> dict:
+  """{name: report} of the script under each (devices, config), all started at once (the
+  compilations share the 2 cores)."""
   processes = {}
-  for devices in (1, 4):  # Both at once: the two compilations share the 2 cores.
-    env = dict(os.environ, DIFFUREC_DATA=str(synthetic_data), **helpers.COMPILATION_CACHE_ENV,
+  for name, (devices, config) in configs.items():
+    (tmp_path / f"{name}.config.json").write_text(config.to_json())
+    env = dict(os.environ, DIFFUREC_DATA=str(data_root), **helpers.COMPILATION_CACHE_ENV,
                **_env(devices))
-    processes[devices] = subprocess.Popen(
-        [sys.executable, "-c", _SCRIPT, str(tmp_path / "config.json"),
-         str(tmp_path / f"run{devices}")], cwd=helpers.REPO, env=env,
+    processes[name] = subprocess.Popen(
+        [sys.executable, "-c", _SCRIPT, str(tmp_path / f"{name}.config.json"),
+         str(tmp_path / name)], cwd=helpers.REPO, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   runs = {}
-  for devices, process in processes.items():
+  for name, process in processes.items():
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr[-4000:]
-    report = json.loads((tmp_path / f"run{devices}.json").read_text())
-    with np.load(tmp_path / f"run{devices}.npz") as saved:
+    report = json.loads((tmp_path / f"{name}.json").read_text())
+    with np.load(tmp_path / f"{name}.npz") as saved:
       report["params"] = [saved[f"arr_{i}"] for i in range(len(saved.files))]
-    runs[devices] = report
-  one, four = runs[1], runs[4]
-  assert (one["devices"], four["devices"]) == (1, 4)
-  assert (one["batch_shards"], four["batch_shards"]) == (1, 4)
-  assert one["params_replicated"] and four["params_replicated"]
+    runs[name] = report
+  return runs
 
+
+def _assert_same_training(one, other, num_items: int = 0):
   assert len(one["losses"]) == 3
-  np.testing.assert_allclose(four["losses"], one["losses"], rtol=1e-4)
-  assert four["names"] == one["names"]
+  np.testing.assert_allclose(other["losses"], one["losses"], rtol=1e-4)
+  assert other["names"] == one["names"]
   compared = 0
-  for name, sharded, single in zip(one["names"], four["params"], one["params"]):
+  for name, sharded, single in zip(one["names"], other["params"], one["params"]):
+    if sharded.shape != single.shape:  # A sharded item table: zero padding rows after N.
+      np.testing.assert_array_equal(sharded[num_items + 1:], 0.0)
+      sharded = sharded[:num_items + 1]
     np.testing.assert_allclose(sharded, single, rtol=1e-4, atol=1e-6, err_msg=name)
     compared += 1
   assert compared == len(one["names"]) > 0
   for name in helpers.RESULT_KEYS:
-    assert four["valid"][name] == pytest.approx(one["valid"][name], abs=1e-6), name
+    assert other["valid"][name] == pytest.approx(one["valid"][name], abs=1e-6), name
+
+
+def test_four_devices_match_one(synthetic_data, tmp_path):
+  config = helpers.tiny_config(synthetic_data, {"train.max_steps_per_epoch": 3})
+  runs = _run_each({"one": (1, config), "four": (4, config)}, tmp_path, synthetic_data)
+  one, four = runs["one"], runs["four"]
+  assert (one["devices"], four["devices"]) == (1, 4)
+  assert (one["batch_shards"], four["batch_shards"]) == (1, 4)
+  assert one["params_replicated"] and four["params_replicated"]
+  _assert_same_training(one, four)
+
+
+def test_item_sharded_blockwise_training_matches_dense(synthetic_data, tmp_path):
+  """The item table's rows over 2 of 4 devices, scored in blocks: the same run as dense."""
+  dense = helpers.tiny_config(synthetic_data, {"train.max_steps_per_epoch": 3})
+  sharded = helpers.tiny_config(synthetic_data, {"train.max_steps_per_epoch": 3,
+                                                 "catalog.shards": 2, "catalog.block": 16})
+  runs = _run_each({"dense": (1, dense), "sharded": (4, sharded)}, tmp_path, synthetic_data)
+  assert runs["sharded"]["batch_shards"] == 4 and not runs["sharded"]["params_replicated"]
+  from diffurec_jax import data
+  _assert_same_training(runs["dense"], runs["sharded"], data.prepare(dense.data).num_items)
 
 
 def test_batch_not_divisible_by_devices(synthetic_data, tmp_path):

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from diffurec_jax import catalog
 from diffurec_jax.models import approximator as approximator_lib
 from diffurec_jax.models import attention
 from diffurec_jax.models import bundle as bundle_lib
@@ -37,10 +38,19 @@ def recency_positions(length: int) -> jax.Array:
   return jnp.arange(length - 1, -1, -1)
 
 
+def item_init(key, num_items: int, hidden: int, std: float, table_rows: int = 0) -> jax.Array:
+  """The item table ~ N(0, std^2) [N+1, H], zero rows appended up to `table_rows` (a table
+  sharded over devices: catalog.table_rows); the same draw for every row count."""
+  table = std * jax.random.normal(key, (num_items + 1, hidden))
+  extra = max(table_rows - (num_items + 1), 0)
+  return jnp.pad(table, ((0, extra), (0, 0))) if extra else table
+
+
 class DiffuRec(nnx.Module):
   """Item table, positions, step embedding and the approximator (DiffuRec or V1/V2)."""
 
-  def __init__(self, num_items: int, max_len: int, model_config, *, rngs: nnx.Rngs):
+  def __init__(self, num_items: int, max_len: int, model_config, *, rngs: nnx.Rngs,
+               table_rows: int = 0):
     hidden = model_config.hidden
     if model_config.mixing not in mixing.MIXINGS:
       raise ValueError(f"model.mixing={model_config.mixing!r}; use one of {mixing.MIXINGS}.")
@@ -52,8 +62,9 @@ class DiffuRec(nnx.Module):
     self.score_scale = float(model_config.score_scale)
     self.loss_padding_column = bool(model_config.loss_padding_column)
     style = layers.LayerStyle.from_config(model_config)
-    self.item_embedding = nnx.Param(model_config.item_init_std
-                                    * jax.random.normal(rngs.params(), (num_items + 1, hidden)))
+    self.num_items = num_items
+    self.item_embedding = nnx.Param(item_init(rngs.params(), num_items, hidden,
+                                              model_config.item_init_std, table_rows))
     self.position_embedding = (
         nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, hidden)))
         if model_config.position_embedding else None)
@@ -73,7 +84,7 @@ class DiffuRec(nnx.Module):
 
   def embed_history(self, history, key=None):
     """history [B, L] -> (e [B, L, H], key_mask [B, L] bool). Independent of x_t."""
-    e = self.item_embedding[...][history]
+    e = catalog.lookup(self.item_embedding[...], history)
     if self.position_embedding is not None:
       e = e + self.position_embedding[...][recency_positions(history.shape[1])]
     e = self.embedding_norm(attention.dropout(e, self.emb_dropout, key))
@@ -136,6 +147,11 @@ def weighted_cross_entropy(logits, targets, weights):
   """Mean over weighted rows of softmax CE; logits [B, N+1] (padding at -inf)."""
   # Padded rows (weight 0) may carry label 0, whose logit is -inf: never let it reach the sum.
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(targets, 1))
+  return weighted_mean(losses, weights)
+
+
+def weighted_mean(losses, weights):
+  """Mean of per-row losses [B] over the rows of weight > 0 (padded rows never count)."""
   return jnp.sum(jnp.where(weights > 0, losses, 0.0)) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
@@ -144,22 +160,35 @@ def loss_weight(batch) -> jax.Array:
   return jnp.sum(batch["weights"])
 
 
-def diffusion_loss(params, graphdef, batch, rng, schedule, noise_config):
+def diffusion_loss(params, graphdef, batch, rng, schedule, noise_config, block: int = 0,
+                   sampled: catalog.Sampled | None = None):
   """Algorithm 1: one CE loss on a batch {history [B, L], targets [B], weights [B]}.
 
-  `noise_config` = (mode, delta_c, scale) for the offset noise of the forward process.
+  `noise_config` = (mode, delta_c, scale) for the offset noise of the forward process; `block`
+  > 0 computes the softmax over the items in blocks of that many rows, `sampled` replaces it
+  by a sampled softmax (the batch's targets and M drawn negatives; catalog.py).
   """
   bundle = bundle_lib.Bundle(graphdef, params)
   t_key, noise_key, model_key = jax.random.split(rng, 3)
   targets = batch["targets"]
   batch_size = targets.shape[0]
   table = item_table(bundle)
-  x0 = table[targets]
+  x0 = catalog.lookup(table, targets)
   t = jax.random.randint(t_key, (batch_size,), 0, schedule.betas.shape[0])
   mode, delta_c, scale = noise_config
   eps = diffusion.training_noise(noise_key, x0.shape, mode, delta_c, scale)
   x_t = diffusion.q_sample(schedule, x0, t, eps)
   x0_hat = denoise(bundle, batch["history"], x_t, schedule.timesteps[t], model_key, train=True)
   model = bundle_lib.merge(bundle)
+  if sampled is not None:
+    losses = catalog.sampled_cross_entropy(
+        x0_hat, table, jnp.maximum(targets, 1), targets, jax.random.fold_in(rng, 1), sampled,
+        model.score_scale)
+    return weighted_mean(losses, batch["weights"])
+  if block:
+    spec = catalog.Spec(model.num_items, block, model.score_scale)
+    losses = catalog.cross_entropy(x0_hat, table, jnp.maximum(targets, 1), spec,
+                                   include_padding=model.loss_padding_column)
+    return weighted_mean(losses, batch["weights"])
   logits = score(x0_hat, table, model.score_scale, keep_padding=model.loss_padding_column)
   return weighted_cross_entropy(logits, targets, batch["weights"])

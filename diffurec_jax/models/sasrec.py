@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from diffurec_jax import catalog
 from diffurec_jax.models import approximator as approximator_lib
 from diffurec_jax.models import attention
 from diffurec_jax.models import layers
@@ -23,11 +24,13 @@ from diffurec_jax.models import diffurec as model_lib
 
 class SASRec(nnx.Module):
 
-  def __init__(self, num_items: int, max_len: int, model_config, *, rngs: nnx.Rngs):
+  def __init__(self, num_items: int, max_len: int, model_config, *, rngs: nnx.Rngs,
+               table_rows: int = 0):
     hidden = model_config.hidden
     self.emb_dropout = model_config.emb_dropout
-    self.item_embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(),
-                                                             (num_items + 1, hidden)))
+    self.num_items = num_items
+    self.item_embedding = nnx.Param(model_lib.item_init(rngs.params(), num_items, hidden, 0.02,
+                                                        table_rows))
     self.position_embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(),
                                                                  (max_len, hidden)))
     style = layers.LayerStyle.from_config(model_config)
@@ -41,19 +44,37 @@ class SASRec(nnx.Module):
   def __call__(self, history, *, last_only: bool, key=None):
     """history [B, L] -> hidden states [B, L or 1, H]."""
     embed_key, block_key = attention.split_key(key, 2)
-    e = self.item_embedding[...][history]
+    e = catalog.lookup(self.item_embedding[...], history)
     e = e + self.position_embedding[...][model_lib.recency_positions(history.shape[1])]
     e = attention.dropout(self.embedding_norm(e), self.emb_dropout, embed_key)
     return self.approximator(e, history > 0, None, last_only=last_only, key=block_key)
 
 
-def sequence_loss(params, graphdef, batch, rng):
-  """CE at every position: batch {history [B, L], next_items [B, L], weights [B]}."""
+def sequence_loss(params, graphdef, batch, rng, block: int = 0,
+                  sampled: catalog.Sampled | None = None):
+  """CE at every position: batch {history [B, L], next_items [B, L], weights [B]}.
+
+  `block` > 0: the softmax over the items in blocks of that many rows; `sampled`: a sampled
+  softmax whose in-batch candidates are each sequence's last next item (catalog.py).
+  """
   bundle = bundle_lib.Bundle(graphdef, params)
-  hidden = bundle_lib.merge(bundle)(batch["history"], last_only=False, key=rng)
-  logits = model_lib.score(hidden, model_lib.item_table(bundle))
+  model = bundle_lib.merge(bundle)
+  hidden = model(batch["history"], last_only=False, key=rng)
   targets = batch["next_items"]
   valid = (targets > 0) * batch["weights"][:, None]
+  if sampled is not None:
+    losses = catalog.sampled_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), model_lib.item_table(bundle),
+        jnp.maximum(targets, 1).reshape(-1), targets[:, -1], jax.random.fold_in(rng, 1),
+        sampled)
+    return model_lib.weighted_mean(losses, valid.reshape(-1))
+  if block:
+    losses = catalog.cross_entropy(hidden.reshape(-1, hidden.shape[-1]),
+                                   model_lib.item_table(bundle),
+                                   jnp.maximum(targets, 1).reshape(-1),
+                                   catalog.Spec(model.num_items, block))
+    return model_lib.weighted_mean(losses, valid.reshape(-1))
+  logits = model_lib.score(hidden, model_lib.item_table(bundle))
   # Padding labels would hit the -inf column: give them item 1 and weight 0.
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(targets, 1))
   return jnp.sum(jnp.where(valid > 0, losses, 0.0)) / jnp.maximum(jnp.sum(valid), 1.0)

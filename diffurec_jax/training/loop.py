@@ -148,7 +148,7 @@ class Run:
       self.stack.enter_context(workdir_lib.Lock(workdir))
     self.changes = workdir_lib.resumable_changes(workdir, config)
     workdir_lib.check_or_write_config(workdir, config, write=self.main)  # Says if replaced.
-    mesh = sharding.make_mesh()
+    mesh = sharding.make_mesh(config.catalog.shards)
     sharding.check_batch_size(config.train.batch_size, mesh)
     sharding.check_batch_size(config.train.eval_batch_size, mesh, "train.eval_batch_size")
     dataset = data_lib.prepare(config.data)

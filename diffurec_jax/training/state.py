@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from diffurec_jax import catalog
 from diffurec_jax import config as config_lib
 from diffurec_jax import diffusion
 from diffurec_jax import sharding
@@ -45,19 +46,33 @@ def init_model(config, num_items: int) -> bundle_lib.Bundle:
     raise ValueError(f"variant={config.variant!r}; use one of {config_lib.VARIANTS}.")
   rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(config.seed), 0))
   module_class = sasrec_lib.SASRec if config.variant == "sasrec" else model_lib.DiffuRec
-  return bundle_lib.split(module_class(num_items, config.data.max_len, config.model, rngs=rngs))
+  rows = catalog.table_rows(num_items, config.catalog.shards)
+  return bundle_lib.split(module_class(num_items, config.data.max_len, config.model, rngs=rngs,
+                                       table_rows=rows))
 
 
 def training_setup(config, dataset):
   """(examples, loss_fn(params, graphdef, batch, rng, schedule), needs next_items)."""
+  block = catalog.block_size(config.catalog.block, config.catalog.shards)
+  sampled = sampled_softmax(config, dataset)
   if config.variant == "sasrec":
     loss = lambda params, graphdef, batch, rng, schedule: sasrec_lib.sequence_loss(
-        params, graphdef, batch, rng)
+        params, graphdef, batch, rng, block=block, sampled=sampled)
     return batches_lib.sequence_examples(dataset), loss, True
   noise = config.offset_noise
   loss = functools.partial(model_lib.diffusion_loss,
-                           noise_config=(noise.mode, noise.delta_c, noise.scale))
+                           noise_config=(noise.mode, noise.delta_c, noise.scale), block=block,
+                           sampled=sampled)
   return splits.training_examples(dataset), loss, False
+
+
+def sampled_softmax(config, dataset) -> catalog.Sampled | None:
+  """The sampled softmax of catalog.loss = 'sampled' (None: the full softmax)."""
+  if config.catalog.loss != "sampled":
+    return None
+  log_q, log_p = catalog.sampling_distributions(splits.training_item_counts(dataset),
+                                                config.catalog.negative_sampler)
+  return catalog.Sampled(config.catalog.negatives, log_q, log_p)
 
 
 def loss_weight_fn(config):
@@ -147,6 +162,7 @@ def build_run(config, dataset, mesh) -> RunSetup:
   return RunSetup(
       config=config, dataset=dataset, mesh=mesh, examples=examples, next_items=next_items,
       lengths=tuple(lengths), steps_per_epoch=steps_per_epoch, tx=tx, bundle=bundle,
-      train_step=make_train_step(loss_fn, bundle.graphdef, tx, **step_options(config)),
+      train_step=sharding.under_mesh(
+          make_train_step(loss_fn, bundle.graphdef, tx, **step_options(config)), mesh),
       schedule=diffusion.make_schedule(config.model.schedule, config.model.diffusion_steps),
       key=jax.random.fold_in(jax.random.key(config.seed), 1))

@@ -26,7 +26,9 @@ RESUMABLE_CHANGES = ("data.root", "data.cache_dir", "data.download", "train.eval
                      # The learning-rate schedule and gradient clipping hold no optimizer state:
                      # a run that diverged resumes from its last good checkpoint with new ones.
                      "train.learning_rate", "train.grad_clip", "train.warmup_epochs",
-                     "train.lr_schedule", "train.lr_decay_epochs", "train.lr_decay_rate")
+                     "train.lr_schedule", "train.lr_decay_epochs", "train.lr_decay_rate",
+                     # Blockwise scoring computes the same softmax and ranks in less memory.
+                     "catalog.block")
 
 # Fields removed since runs were written: read by nothing, so dropping them changes no run.
 _REMOVED_FIELDS = ("sample.topk", "sample.compute_dtype")
@@ -43,6 +45,8 @@ _ADDED_FIELDS = {
     "model.cross_attention_form": "dot_product", "model.share_cross_attention_norm": False,
     "model.cross_fill_padding_queries": False, "model.every_block_reads_input": False,
     "train.microbatch_tokens": 0, "data.missing_ids": "error",
+    "catalog.block": 0, "catalog.shards": 1, "catalog.loss": "full", "catalog.negatives": 1024,
+    "catalog.negative_sampler": "uniform",
 }
 
 
