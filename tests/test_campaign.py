@@ -289,6 +289,16 @@ def test_a_row_that_does_not_fit_is_not_started(tmp_path):
       lines[-1])
 
 
+def test_a_later_row_that_fits_fills_the_budget(tmp_path):
+  short = ROW.replace("seed = 0", "seed = 1").replace("estimate_min = 55", "estimate_min = 20")
+  code, training, lines, _ = run(tmp_path, ROW + short, budget_min=50, minutes=15)
+  assert code == 0 and len(training.started) == 1
+  assert training.workdir.endswith("toys_diffurec_seed1")
+  assert any("next in order: toys diffurec seed0 needs ~55 min, 50 min of the budget left; "
+             "toys diffurec seed1 (~20 min) fits, so it goes first" in line for line in lines)
+  assert "next: toys diffurec seed0 needs ~55 min, 35 min of the budget left" in lines[-1]
+
+
 def test_a_finished_run_is_added_to_the_ledger_with_its_command(tmp_path):
   two = ROW + ROW.replace("seed = 0", "seed = 1")
   code, training, lines, rows = run(tmp_path, two, budget_min=100, minutes=50)

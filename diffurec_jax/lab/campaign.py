@@ -547,12 +547,18 @@ class Campaign:
       if not candidates:
         self.say(f"no {self.device} row left to start (see --status for the others)")
         return 0
-      status = candidates[0]
       left = self.budget_min - self.elapsed_min()
-      if status.remaining_min > left:
+      fitting = [s for s in candidates if s.remaining_min <= left]
+      if not fitting:
+        status = candidates[0]
         self.say(f"next: {status.row.label} needs ~{status.remaining_min:.0f} min, "
                  f"{max(left, 0):.0f} min of the budget left: not started; stopping")
         return 0
+      status = fitting[0]
+      if status is not candidates[0]:  # Fill the budget with a later row rather than idle.
+        self.say(f"next in order: {candidates[0].row.label} needs "
+                 f"~{candidates[0].remaining_min:.0f} min, {left:.0f} min of the budget left; "
+                 f"{status.row.label} (~{status.remaining_min:.0f} min) fits, so it goes first")
       attempted.add(status.row.label)
       if self.dry_run:
         self.say(f"would {'resume' if status.state == 'partial' else 'run'} "
@@ -628,8 +634,8 @@ def run_campaign(plan: str, *, root: str = "results", runs: str = "runs",
 
   First adds finished workdirs that are not in the ledger; then, in plan order, starts each
   missing or partial row whose estimate fits in the budget left (a partial one resumes: same
-  command), adds it to the ledger when it finishes and rebuilds `report`; stops at the first
-  row that does not fit. When the budget runs out during a run, the run gets SIGINT (it saves
+  command), adds it to the ledger when it finishes and rebuilds `report`; when the next row
+  does not fit, the first later row that does goes first; stops when none fits. When the budget runs out during a run, the run gets SIGINT (it saves
   its partial epoch; the next campaign resumes it).
   """
   if budget_min <= 0:
