@@ -27,8 +27,10 @@ from diffurec_jax.data import readers, registry, splits, transforms
 from diffurec_jax.data.errors import DataError
 
 CACHE_VERSION = 2  # Bump when the pipeline's output changes for the same config.
-# Config fields that do not change the prepared data (the raw path is keyed instead of root).
-_NOT_IN_CACHE_KEY = ("cache_dir", "download", "max_len", "root")
+# Config fields that do not change the prepared data (the raw path is keyed instead of root;
+# the synthetic log's file name encodes its parameters).
+_NOT_IN_CACHE_KEY = ("cache_dir", "download", "max_len", "root", "synthetic_items",
+                     "synthetic_users", "synthetic_signal", "synthetic_zipf", "synthetic_seed")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

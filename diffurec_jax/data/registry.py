@@ -8,6 +8,9 @@ A data root holds the raw files in the layout of `shared/data` (see its README):
 
 The root is `config.data.root`, else $DIFFUREC_DATA, else the user cache dir
 (`$XDG_CACHE_HOME/diffurec_jax/data`, default `~/.cache/diffurec_jax/data`).
+The `synthetic` dataset has no download: its long-format CSV (`synthetic/<name encoding the
+parameters>.csv.gz`, see data/synthetic.py) is generated into the user cache dir when neither
+the root nor that dir has it.
 A missing primary file is downloaded with pooch from its official source into the
 user cache dir (never into the configured root, which may be read-only): with a
 progress bar, retried, checked against its known hash, and renamed into place
@@ -24,6 +27,7 @@ import tempfile
 import zipfile
 from typing import Any, Callable
 
+from diffurec_jax.data import synthetic
 from diffurec_jax.data.errors import DataError
 
 _S3REC = "https://raw.githubusercontent.com/RUCAIBox/CIKM2020-S3Rec/master/data/"
@@ -144,6 +148,14 @@ def _from_source(path: pathlib.Path, source: Source) -> ReadSpec:
   return ReadSpec(path, source.format, source.user_col, source.item_col, source.time_col, "", "")
 
 
+def _synthetic(data_config) -> ReadSpec:
+  """The synthetic log's CSV: from the data root or the user cache dir, else generated there."""
+  download_root = user_cache_dir() / "data"
+  path = synthetic.ensure_file(synthetic.spec_from_config(data_config),
+                               [data_root(data_config), download_root], download_root)
+  return ReadSpec(path, "long", "user", "item", "timestamp", "", ",")
+
+
 def resolve(data_config, downloader: Downloader | None = download) -> ReadSpec:
   """Finds (or downloads) the raw file that config.data names.
 
@@ -154,12 +166,15 @@ def resolve(data_config, downloader: Downloader | None = download) -> ReadSpec:
   if data_config.path:
     return _from_config(data_config)
   name = data_config.name
+  if name == synthetic.NAME:
+    return _synthetic(data_config)
   if name not in REGISTRY:
     if name == "custom":
       raise DataError("Custom data needs a file: set --config.data.path=FILE "
                       "(and --config.data.format or column names if needed).")
     raise DataError(f"Unknown dataset --config.data.name={name!r}; use one of "
-                    f"{sorted(REGISTRY)} or 'custom' with --config.data.path=FILE.")
+                    f"{sorted(REGISTRY) + [synthetic.NAME]} or 'custom' with "
+                    "--config.data.path=FILE.")
   root = data_root(data_config)
   download_root = user_cache_dir() / "data"
   primary = REGISTRY[name][0]

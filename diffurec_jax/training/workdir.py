@@ -47,6 +47,8 @@ _ADDED_FIELDS = {
     "train.microbatch_tokens": 0, "data.missing_ids": "error",
     "catalog.block": 0, "catalog.shards": 1, "catalog.loss": "full", "catalog.negatives": 1024,
     "catalog.negative_sampler": "uniform",
+    "data.synthetic_items": 10_000, "data.synthetic_users": 0, "data.synthetic_signal": 0.5,
+    "data.synthetic_zipf": 1.0, "data.synthetic_seed": 0,
 }
 
 
