@@ -10,7 +10,10 @@
 #     -d .whl polars==2.1.0 polars-runtime-32==2.1.0 ml-collections==1.1.0
 #   mkdir -p .gpudata/beauty/s3rec && cp ../shared/data/beauty/s3rec/Beauty.txt .gpudata/beauty/s3rec/
 # Run with the device tool: command "bash bench/gpu.sh", carry [".whl", ".gpudata"], timeout_s 600.
+# `bash bench/gpu.sh scale` instead runs the N = 10^6-item row (issue 21): the synthetic catalog
+# (generated there, ~10 s), training and 32-step inference, item table scored in blocks of 65,536.
 set -uo pipefail
+MODE=${1:-all}
 OUT=${OUT:-/tmp/diffurec_gpu_out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -20,6 +23,15 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" \
   | tee -a "$OUT/gpu.txt"
+
+if [ "$MODE" = scale ]; then
+  for part in train infer; do
+    timeout 270 python3 bench/throughput.py --config configs/synthetic.py:items_1e6,diffurec \
+      --part $part --steps 10 --users 2048 --eval_batch_size 512 --nofour_seeds \
+      --config.catalog.block=65536 2>&1 | tee "$OUT/scale_$part.txt"
+  done
+  exit 0
+fi
 
 # 1) Throughput: fast path and padded baseline in the same process (ratios in the JSON line).
 timeout 200 python3 bench/throughput.py --config configs/beauty.py:diffurec \

@@ -27,6 +27,7 @@ _SEEDS = flags.DEFINE_integer("seeds", 2, "Seeds per variant (run k uses config.
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the grid and its report.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Progress bars while training.")
 flags.mark_flags_as_required(["config", "workdir"])
+cli.define_distributed_flags()  # One process of several: see README "Several processes".
 
 
 def main(argv):

@@ -30,6 +30,7 @@ _SAMPLER = flags.DEFINE_enum("sampler", "", ["", "reverse", "ddim", "one_step"],
                              "Sampler ('' = the run's config).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Users per batch for --input.")
 flags.mark_flag_as_required("workdir")
+cli.define_distributed_flags()  # One process of several: see README "Several processes".
 
 
 def main(argv):
@@ -37,28 +38,34 @@ def main(argv):
   cli.setup()
   from diffurec_jax import evaluate
   from diffurec_jax import serve
+  from diffurec_jax import sharding
 
   def run():
     serve.check_arguments(_WORKDIR.value, input_path=_INPUT.value, output=_OUTPUT.value,
                           topk=_TOPK.value, seeds=_SEEDS.value, steps=_STEPS.value,
                           batch_size=_BATCH.value)  # Before loading anything.
+    main = sharding.is_main_process()  # Of several processes, process 0 prints and writes.
     note = serve.unfinished_note(_WORKDIR.value)
-    if note:
+    if note and main:
       print(note, file=sys.stderr, flush=True)
     overrides = dict(seeds=_SEEDS.value, steps=_STEPS.value, sampler=_SAMPLER.value)
     if not _INPUT.value:
-      result, _, loaded = evaluate.evaluate_workdir(_WORKDIR.value, "test", **overrides)
+      result, _, loaded = evaluate.evaluate_workdir(_WORKDIR.value, "test", progress=main,
+                                                    **overrides)
       result.update(split="test", best_epoch=loaded.epoch,
                     mask_history=bool(loaded.config.train.mask_history),
                     seeds=loaded.config.sample.seeds,
                     steps=loaded.config.sample.steps or loaded.config.model.diffusion_steps)
-      print(json.dumps(result, sort_keys=True))
+      if main:
+        print(json.dumps(result, sort_keys=True))
       return
     loaded = evaluate.load(_WORKDIR.value, **overrides)
     users, sequences = serve.read_histories(_INPUT.value)
     frame, counts = serve.recommend(loaded, users, sequences, topk=_TOPK.value,
                                     batch_size=_BATCH.value,
                                     exclude_history=_EXCLUDE.value)
+    if not main:
+      return
     serve.write_recommendations(frame, _OUTPUT.value)
     if counts["unknown_items_skipped"] or counts["users_without_known_items"]:
       print(f"warning: skipped {counts['unknown_items_skipped']} unknown item(s); "

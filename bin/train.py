@@ -3,6 +3,9 @@
 Rerunning the same command resumes from the latest checkpoint; a finished run says so (and is
 left untouched). When training ends, process 0 draws W/figures/learning_curve.png (when
 matplotlib is installed).
+
+On several processes or hosts, run the same command in each with --coordinator_address
+HOST:PORT --num_processes N --process_id K (K = 0 .. N-1; process 0 writes the workdir).
 """
 
 import os
@@ -15,6 +18,7 @@ from diffurec_jax import cli
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/toys.py:v2.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory that owns the run.")
 flags.mark_flags_as_required(["config", "workdir"])
+cli.define_distributed_flags()  # One process of several: see README "Several processes".
 
 
 def main(argv):

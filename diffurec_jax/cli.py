@@ -5,7 +5,8 @@ every config field with its comment (exit 0); a bad flag, config override or pre
 `error:` line (exit 2). `run_guarded(function)` turns the project's `errors.UserError`s into
 one `error:` line and exit 2, and an interrupt into one line and exit 130; any other
 exception is a bug and keeps its traceback. `--verbose` (or DIFFUREC_TRACEBACK=1) shows the
-traceback of a user error too.
+traceback of a user error too. `define_distributed_flags()` gives a script the coordinator
+flags, and `setup()` starts jax.distributed from them (or from their JAX_* variables, SLURM).
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ def verbose() -> bool:
 
 
 def setup():
-  """Quiet library logging; jax.distributed.initialize() in a multi-host environment."""
+  """Quiet library logging; jax.distributed.initialize() when this is one process of several
+  (--coordinator_address / --num_processes / --process_id, their JAX_* variables, or SLURM).
+  Inconsistent settings are one `error:` line (exit 2)."""
   from absl import logging
   import jax
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # Reruns skip recompiling.
@@ -46,8 +49,121 @@ def setup():
   verbosity_given = "verbosity" in flags.FLAGS and flags.FLAGS["verbosity"].present
   if not verbosity_given:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint operation at INFO.
-  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS", "1") != "1":
-    jax.distributed.initialize()
+  run_guarded(lambda: initialize_distributed(distributed_settings(
+      *(_flag_value(name) for name in DISTRIBUTED_FLAGS), os.environ)))
+
+
+# Several processes (multi-controller JAX) ----------------------------------------------------
+
+DISTRIBUTED_FLAGS = ("coordinator_address", "num_processes", "process_id")
+_DISTRIBUTED_ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS",
+                    "num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+
+
+class DistributedError(errors.UsageError):
+  """Multi-process settings that cannot start a run, in one sentence."""
+
+
+def define_distributed_flags():
+  """--coordinator_address, --num_processes, --process_id (bin/train.py, infer.py,
+  experiment.py): this command is one process of a run over several processes or hosts."""
+  flags.DEFINE_string(
+      "coordinator_address", None, "host:port of process 0 (reachable from every process, "
+      "the same in all of them) when this is one of several processes; also "
+      "JAX_COORDINATOR_ADDRESS.")
+  flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run (all hosts "
+                       "together); also JAX_NUM_PROCESSES.")
+  flags.DEFINE_integer("process_id", None, "This process's number, 0 to num_processes - 1 "
+                       "(process 0 writes the workdir); also JAX_PROCESS_ID.")
+
+
+def _flag_value(name: str):
+  return flags.FLAGS[name].value if name in flags.FLAGS else None
+
+
+def _parse_address(address: str) -> str:
+  host, _, port = address.strip().rpartition(":")
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise DistributedError(f"--coordinator_address={address!r} is not host:port; give process "
+                           "0's host and a free port, e.g. 10.0.0.1:1234 (127.0.0.1:1234 on "
+                           "one machine).")
+  return address.strip()
+
+
+def _parse_count(name: str, value, source: str) -> int:
+  try:
+    return int(value)
+  except (TypeError, ValueError):
+    raise DistributedError(f"{source}={value!r} is not an integer; set it to a whole number "
+                           f"for --{name}.") from None
+
+
+def distributed_settings(coordinator_address: str | None, num_processes: int | None,
+                         process_id: int | None, environ) -> dict | None:
+  """jax.distributed.initialize()'s arguments from the flags, else their JAX_* variables.
+
+  None: a single process. {} under SLURM with nothing set (JAX reads SLURM's variables). An
+  address alone lets JAX detect the rest from its cluster environment. Raises
+  DistributedError for settings that cannot start (no address, one of the counts missing,
+  process_id outside 0 .. num_processes - 1).
+  """
+  values, sources = {}, {}
+  for name, value in zip(DISTRIBUTED_FLAGS, (coordinator_address, num_processes, process_id)):
+    variable = _DISTRIBUTED_ENV[name]
+    if value is None and environ.get(variable, "").strip():
+      value, sources[name] = environ[variable].strip(), variable
+    values[name] = value
+    sources.setdefault(name, f"--{name}")
+  address, count, index = values["coordinator_address"], values["num_processes"], values[
+      "process_id"]
+  slurm = environ.get("SLURM_NTASKS", "1") != "1"
+  if address is None and count is None and index is None:
+    return {} if slurm else None
+  settings = {}
+  if address is not None:
+    settings["coordinator_address"] = _parse_address(address)
+  elif not slurm:
+    raise DistributedError("--num_processes and --process_id need --coordinator_address "
+                           "host:port (process 0's host and a free port, the same for every "
+                           "process).")
+  if count is not None:
+    count = settings["num_processes"] = _parse_count("num_processes", count,
+                                                     sources["num_processes"])
+    if count < 1:
+      raise DistributedError(f"{sources['num_processes']}={count}: a run needs at least 1 "
+                             "process.")
+  if index is not None:
+    index = settings["process_id"] = _parse_count("process_id", index, sources["process_id"])
+  if (count is None) != (index is None) and not slurm:
+    given, missing = (("num_processes", "process_id") if index is None
+                      else ("process_id", "num_processes"))
+    raise DistributedError(f"--{given} is set but --{missing} is not; give every process "
+                           "both (--num_processes N and its own --process_id 0 .. N-1).")
+  if count is not None and index is not None and not 0 <= index < count:
+    raise DistributedError(f"{sources['process_id']}={index} is outside 0 .. {count - 1} "
+                           f"({sources['num_processes']}={count}); number the processes 0 to "
+                           f"{count - 1}.")
+  return settings
+
+
+def initialize_distributed(settings: dict | None):
+  """jax.distributed.initialize(**settings) (nothing for None): before anything touches a
+  device. CPU processes exchange collectives over gloo (jax 0.10's default, set explicitly
+  unless JAX_CPU_COLLECTIVES_IMPLEMENTATION chooses another)."""
+  import jax
+  if settings is None or jax.distributed.is_initialized():
+    return
+  if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(**settings)
+  except (RuntimeError, ValueError) as error:  # Unreachable coordinator, timeout, bad setup.
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    raise DistributedError(
+        f"jax.distributed.initialize({', '.join(f'{k}={v!r}' for k, v in settings.items())}) "
+        f"failed ({(lines or [type(error).__name__])[0][:200]}); start every process with the "
+        "same --coordinator_address and --num_processes, process 0 first reachable at that "
+        "address.") from error
 
 
 def run_guarded(function):
@@ -216,6 +332,8 @@ def help_text(program: str) -> str:
            flags.FLAGS.main_module_help().split("\n", 1)[-1] if flags.FLAGS.main_module_help()
            else "  (none)",
            "  --[no]verbose: " + flags.FLAGS["verbose"].help]
+  parts += [f"  --{name}: {flags.FLAGS[name].help}" for name in DISTRIBUTED_FLAGS
+            if name in flags.FLAGS]
   if "config" in flags.FLAGS:
     parts += ["", "--config takes configs/<dataset>.py[:preset,preset...]: configs/beauty.py, "
                   "configs/toys.py, configs/ml1m.py, configs/custom.py. Presets:"]

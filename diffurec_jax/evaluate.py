@@ -3,7 +3,9 @@
 Every user is scored against all items (padding excluded), ranks are pessimistic on ties,
 HR/NDCG/MRR@K are averaged over users (sums and counts, divided once on the host). One
 compiled function per bucket length; the noise of each user's chain is keyed by the user id,
-so results do not depend on batch size, bucketing or device count.
+so results do not depend on batch size, bucketing or device count. In a multi-process run
+every process evaluates its rows of each batch; the metric sums are over the global batch and
+the ranks are gathered from every process, so every process returns the same full result.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from diffurec_jax import catalog
@@ -134,7 +137,7 @@ class Evaluator:
     start = time.time()
     for plan in tqdm(self.plans(examples), desc=split, disable=not progress, leave=False):
       output = self.step(bundle, self.batch(plan, examples), key, self.schedule)
-      totals = _collect(totals, ranks, plan, jax.device_get(output))
+      totals = _collect(totals, ranks, plan, _to_host(output))
     result = metrics.finalize(totals)
     result["seconds"] = round(time.time() - start, 3)
     per_user = {"users": examples.users, "targets": examples.targets, "ranks": ranks,
@@ -157,9 +160,17 @@ class Evaluator:
     seconds = time.perf_counter() - start
     totals = {}
     ranks = np.zeros(sum(int((plan.indices >= 0).sum()) for plan, _ in batches), np.int64)
-    for (plan, _), output in zip(batches, jax.device_get(outputs)):
+    for (plan, _), output in zip(batches, _to_host(outputs)):
       totals = _collect(totals, ranks, plan, output)
     return metrics.finalize(totals), ranks, seconds
+
+
+def _to_host(outputs):
+  """Host copies of eval-step outputs. In a multi-process run a process holds only its own
+  rows of the ranks [B]: they are gathered from every process (the sums are replicated)."""
+  if jax.process_count() == 1:
+    return jax.device_get(outputs)
+  return multihost_utils.process_allgather(outputs, tiled=True)
 
 
 def _collect(totals: dict, ranks: np.ndarray, plan, output) -> dict:
@@ -201,6 +212,10 @@ def load(workdir: str, *, seeds: int = 0, steps: int = 0, sampler: str = "") -> 
     tx = optimizer_lib.make_optimizer(config.train, 1)
     target = train_state.TrainState(bundle.params, tx.init(bundle.params),
                                     jnp.zeros((), jnp.int32))
+    if jax.device_count() > 1:  # Restored onto the mesh evaluation shards batches over: a
+      # restored array is committed to its devices, and moving it to other processes' devices
+      # is a transfer the backends refuse (and jit refuses params on one device of several).
+      target = sharding.replicate(target, sharding.make_mesh(config.catalog.shards))
     state, meta = checkpoints.restore("best", target)
   finally:
     checkpoints.close()

@@ -78,15 +78,20 @@ def under_mesh(function, mesh):
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-  """Global host batch -> arrays sharded on their leading axis over the mesh."""
+  """Global host batch -> arrays sharded on their leading axis over the mesh's 'data' axis.
+
+  Every process builds the same global batch; in a multi-process run each one transfers only
+  the rows its own devices hold (whatever their place in the mesh), so every process's
+  devices see exactly the rows they would see in one process.
+  """
   sharding = NamedSharding(mesh, PartitionSpec(AXIS))
   if jax.process_count() == 1:
     return jax.device_put(batch, sharding)
-  rows = next(iter(batch.values())).shape[0] // jax.process_count()
-  begin = jax.process_index() * rows
-  return {name: jax.make_array_from_process_local_data(sharding, value[begin:begin + rows])
+  return {name: jax.make_array_from_callback(value.shape, sharding,
+                                             lambda index, value=value: value[index])
           for name, value in batch.items()}
 
 
 def is_main_process() -> bool:
+  """Process 0 of a multi-process run (the only one that writes the workdir); True alone."""
   return jax.process_index() == 0

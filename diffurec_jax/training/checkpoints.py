@@ -3,6 +3,8 @@
 Two orbax CheckpointManagers under `workdir/checkpoints/{latest,best}`. Each checkpoint holds
 the train state pytree (params, optimizer state, step) and a JSON `meta` item (epoch, early-
 stopping state, validation history), so a rerun resumes exactly where the last one stopped.
+In a multi-process run every process saves and restores (orbax writes each array once and
+process 0 the metadata); the workdir must be one directory that every process sees.
 """
 
 from __future__ import annotations
@@ -19,8 +21,16 @@ class CheckpointError(errors.UserError):
   """A missing, corrupt or incompatible checkpoint, in one sentence for people."""
 
 
-def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+def manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
+  """An orbax manager of `directory`. In a multi-process run every process calls its save,
+  restore and delete; its barriers are named after the directory ('latest', 'best',
+  'interrupted'), because two managers saving the same step at once (latest/2 and best/2)
+  would otherwise meet at each other's barriers (both wait on '2.orbax-checkpoint-tmp') and
+  one could finalize before every process has written."""
+  multiprocessing = ocp.options.MultiprocessingOptions(
+      barrier_sync_key_prefix=os.path.basename(os.path.normpath(directory)))
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                         multiprocessing_options=multiprocessing)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
@@ -29,8 +39,8 @@ class Checkpoints:
 
   def __init__(self, workdir: str, keep: int = 2):
     self.directory = os.path.join(workdir, "checkpoints")
-    self.latest = _manager(os.path.join(self.directory, "latest"), max(keep, 1))
-    self.best = _manager(os.path.join(self.directory, "best"), 1)
+    self.latest = manager(os.path.join(self.directory, "latest"), max(keep, 1))
+    self.best = manager(os.path.join(self.directory, "best"), 1)
 
   def save(self, epoch: int, state, meta: dict, *, best: bool):
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))

@@ -6,10 +6,17 @@ saves the partial epoch to `checkpoints/interrupted` (`PartialCheckpoint`). Else
 preparation, compilation, validation, testing) the signal raises `Interrupted` at once; the
 trainer catches it where there is something to save. A second signal always raises.
 `bin/` turns `Interrupted` into one line and exit status 130.
+
+In a multi-process run a signal reaches one process (a Ctrl-C in one terminal) or reaches
+several at different steps, and a process that stops alone leaves the others waiting in a
+collective. There a first signal never raises: the trainer asks `stop_at_step` at every step
+boundary and `stop_now` between its phases, and every process gets the same answer at the
+same point (`StopVote`), so all of them save the same checkpoint and stop.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import signal
@@ -17,7 +24,10 @@ import sys
 import threading
 import time
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from diffurec_jax.training import checkpoints as checkpoint_lib
@@ -47,11 +57,16 @@ class Interrupts:
   the user knows the Ctrl-C was seen. An Interrupted raised where Python cannot propagate it (a garbage-collector
   callback) is not printed as "Exception ignored": `requested` is set, and the trainer stops at
   its next check.
+
+  `collective` (default: more than one process) defers the first signal everywhere, validation
+  and testing included; the trainer stops where `stop_at_step` or `stop_now` says so.
   """
 
-  def __init__(self):
+  def __init__(self, collective: bool | None = None):
     self._requested = False
     self.deferred = False
+    self.collective = jax.process_count() > 1 if collective is None else collective
+    self._vote = StopVote() if self.collective else None
     self._previous = {}
     self._handled = 0  # Signals whose Python handler has run.
     self._acted_on = 0  # Of those, signals the run has acted on.
@@ -67,6 +82,19 @@ class Interrupts:
   @requested.setter
   def requested(self, value: bool):
     self._requested = value
+
+  def stop_at_step(self) -> bool:
+    """Call at every step boundary: whether to stop here (the same in every process)."""
+    if self._vote is None:
+      return self.requested
+    return self._vote.at_step(self.requested)
+
+  def stop_now(self) -> bool:
+    """Call between phases (after an epoch's steps, after its checkpoint): whether to stop
+    here; in a multi-process run a synchronous vote that also settles the step votes."""
+    if self._vote is None:
+      return self.requested
+    return self._vote.now(self.requested)
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
@@ -126,8 +154,8 @@ class Interrupts:
     self._handled += 1
     already = self._requested
     self._requested = True
-    if self.deferred and not already:
-      return  # The training loop stops at the next step boundary.
+    if (self.deferred or self.collective) and not already:
+      return  # The training loop stops at the next step boundary (or agreed point).
     self._acted_on = self._handled
     raise Interrupted(f"interrupted by {signal.Signals(number).name}")
 
@@ -142,7 +170,11 @@ class Interrupts:
 
   @contextlib.contextmanager
   def immediate(self):
-    """Signals inside this block raise at once (validation, testing: nothing half-written)."""
+    """Signals inside this block raise at once (validation, testing: nothing half-written);
+    in a collective run they wait for the next `stop_now` (the others cannot stop here)."""
+    if self.collective:
+      yield
+      return
     previous, self.deferred = self.deferred, False
     try:
       if self.requested:
@@ -150,6 +182,42 @@ class Interrupts:
       yield
     finally:
       self.deferred = previous
+
+
+class StopVote:
+  """Whether any process of a multi-process run was asked to stop, agreed by all of them.
+
+  `at_step(asked)` dispatches an all-process OR of every process's `asked` and returns the OR
+  dispatched LAG boundaries earlier (False until then): every process reads the same vote at
+  the same boundary, and reading a vote LAG steps old does not make the host wait for the
+  device (the step bar keeps as many steps in flight). `now(asked)` votes again and settles
+  every pending vote. Every process must call them at the same points, in the same order.
+  """
+
+  LAG = 2
+
+  def __init__(self):
+    devices = np.array(jax.devices())  # One flag per device: the flag of its process.
+    mesh = jax.sharding.Mesh(devices, ("processes",))
+    self._flags = NamedSharding(mesh, PartitionSpec("processes"))
+    self._any = jax.jit(lambda flags: flags.max(), out_shardings=NamedSharding(
+        mesh, PartitionSpec()))
+    self._pending = collections.deque()
+
+  def _dispatch(self, asked: bool):
+    flags = jax.make_array_from_callback((self._flags.mesh.size,), self._flags,
+                                         lambda index: np.full(1, int(asked), np.int32))
+    self._pending.append(self._any(flags))
+
+  def at_step(self, asked: bool) -> bool:
+    self._dispatch(asked)
+    return len(self._pending) > self.LAG and bool(self._pending.popleft())
+
+  def now(self, asked: bool) -> bool:
+    self._dispatch(asked)
+    votes = [bool(vote) for vote in self._pending]
+    self._pending.clear()
+    return any(votes)
 
 
 class PartialCheckpoint:
@@ -166,11 +234,12 @@ class PartialCheckpoint:
 
   def _open(self):
     if self._manager is None:
-      options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-      self._manager = ocp.CheckpointManager(os.path.abspath(self.directory), options=options)
+      self._manager = checkpoint_lib.manager(self.directory, 1)
     return self._manager
 
   def exists(self) -> bool:
+    if self._manager is not None:  # Its view is every process's (a listing could see process
+      return bool(self._manager.all_steps())  # 0 delete it while another one looks).
     return os.path.isdir(self.directory) and any(
         name.isdigit() for name in os.listdir(self.directory))
 

@@ -11,6 +11,11 @@ next step boundary and save the partial epoch (interrupt.PartialCheckpoint): the
 a function of (seed, epoch) and each step's RNG of the step number, so (state, position,
 losses so far) resume it bit-identically. Progress: a bar of finished steps per epoch, a
 notice per compilation, and the run's remaining time after each epoch (progress).
+
+In a multi-process run (jax.distributed) every process runs this loop on the same plans and
+feeds its own rows of each batch; all of them save and restore the checkpoints (orbax
+coordinates them; the workdir must be one directory that every process sees), process 0 alone
+writes the rest of the workdir and prints, and a signal stops all of them at the same step.
 """
 
 from __future__ import annotations
@@ -105,7 +110,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after_epochs: int | None = 
   if finished is not None:  # A finished run is never written to (it may be read-only).
     workdir_lib.check_config(workdir, config)
     logging.info("%s is finished (results.json exists); nothing to do.", workdir)
-    print(f"{workdir}: run already finished; results in {workdir}/results.json")
+    if sharding.is_main_process():
+      print(f"{workdir}: run already finished; results in {workdir}/results.json")
     return finished
   with interrupt_lib.Interrupts() as interrupts, contextlib.ExitStack() as stack:
     run = Run(config, workdir, interrupts, stack, progress=progress)
@@ -137,6 +143,11 @@ class Run:
   def say(self, message: str):
     if self.main:
       tqdm.write(message)
+
+  def announce(self, message: str):
+    """print() in process 0 only: the other processes of a multi-process run stay quiet."""
+    if self.main:
+      print(message, flush=True)
 
   # Set-up --------------------------------------------------------------------------------------
 
@@ -174,7 +185,10 @@ class Run:
 
   def _restore(self) -> tuple[state_lib.TrainState, Meta]:
     """The latest state (a finished epoch, or an interrupted one if newer) and its Meta."""
-    state = self.setup.initial_state()
+    # Placed on the mesh first, so that checkpoints restore straight into the run's sharding:
+    # a restored array is committed to this process's devices, and moving it onto another
+    # process's devices is a cross-host transfer that the CPU and GPU backends refuse.
+    state = sharding.replicate(self.setup.initial_state(), self.mesh)
     restored = self.checkpoints.restore("latest", state)
     interrupted = self.partial_checkpoint.restore(state)
     if interrupted is not None and (restored is None
@@ -185,8 +199,9 @@ class Run:
     steps_per_epoch, num_epochs = self.setup.steps_per_epoch, self.config.train.num_epochs
     if restored is None:
       self.log.keep_only(lambda r: False)  # Records of an earlier start that saved nothing.
-      print(f"starting a new run in {self.workdir}: {num_epochs} epochs of {steps_per_epoch} "
-            f"steps, validation every {self.config.train.eval_every} epoch(s)", flush=True)
+      self.announce(f"starting a new run in {self.workdir}: {num_epochs} epochs of "
+                 f"{steps_per_epoch} steps, validation every {self.config.train.eval_every} "
+                 "epoch(s)")
       return state, Meta()
     state, meta = restored[0], Meta.from_json(restored[1])
     partial = meta.partial
@@ -194,8 +209,8 @@ class Run:
     into = (f", {partial['position']} of {steps_per_epoch} steps into epoch {meta.epoch + 1}"
             if partial and partial["position"] < steps_per_epoch else
             f", epoch {meta.epoch + 1} trained, its validation to run" if partial else "")
-    print(f"resuming from epoch {meta.epoch} (step {int(state.step)}){into}; "
-          f"{num_epochs} epochs in all, {self.workdir}", flush=True)
+    self.announce(f"resuming from epoch {meta.epoch} (step {int(state.step)}){into}; "
+               f"{num_epochs} epochs in all, {self.workdir}")
     # Records logged after that checkpoint (a kill between logging and saving) are dropped.
     done = meta.epoch
     trained = meta.epoch + 1 if partial and partial.get("train_record") else done
@@ -211,7 +226,7 @@ class Run:
     state, self.meta = self._restore()
     if self.changes and int(state.step):
       changed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in self.changes.items())
-      print(f"resuming with changed {changed} (recorded in metrics.jsonl)", flush=True)
+      self.announce(f"resuming with changed {changed} (recorded in metrics.jsonl)")
       self.log.write(epoch=self.meta.epoch, step=int(state.step), split="config",
                      changed=self.changes)
     self.state = sharding.replicate(state, self.mesh)
@@ -230,7 +245,7 @@ class Run:
         return None
       self._epoch(self.meta.epoch + 1)
       epochs_run += 1
-      if self.interrupts.requested:
+      if self.interrupts.stop_now():
         raise interrupt_lib.Interrupted(self.status)
     self.meta.partial = None
     self.status = ("interrupted while testing the best checkpoint (every epoch is saved); "
@@ -266,7 +281,7 @@ class Run:
     bar = progress_lib.StepBar(len(plans), position, f"epoch {epoch}/{num_epochs}",
                                self.progress, notice=self.say)
     for k in range(position, len(plans)):
-      if self.interrupts.requested or self.steps_left == 0:
+      if self.interrupts.stop_at_step() or self.steps_left == 0:
         stopped_at = k
         break
       plan = plans[k]
@@ -355,7 +370,7 @@ class Run:
           "saved; validation reruns); rerun the same command to resume")
 
     improved = False  # Every epoch is checkpointed, validated or not: a kill loses one at most.
-    if self.interrupts.requested:
+    if self.interrupts.stop_now():
       interrupted_before_saving()
     if self._validated(epoch):
       improved, text = self._validate(epoch, interrupted_before_saving)
@@ -372,7 +387,7 @@ class Run:
     summary += f" | {progress_lib.format_duration(self.wall())} so far"
     if remaining is not None:
       summary += f", about {progress_lib.format_duration(remaining)} left"
-    print(summary, flush=True)
+    self.announce(summary)
 
   def _test_best(self) -> dict:
     """Restores the best-on-validation checkpoint and evaluates the test split once."""
@@ -404,8 +419,9 @@ class Run:
       np.savez(f"{self.workdir}/test_ranks.npz",
                **{k: np.asarray(v) for k, v in per_user.items()})
       workdir_lib.write_json(self.workdir, "results.json", results)
-    print("test " + " ".join(f"{k} {v:.4f}" for k, v in results["test"].items())
-          + f" (best epoch {results['best_epoch']}, history masked: {results['mask_history']})")
+    self.announce("test " + " ".join(f"{k} {v:.4f}" for k, v in results["test"].items())
+               + f" (best epoch {results['best_epoch']}, history masked: "
+               f"{results['mask_history']})")
     return results
 
 
