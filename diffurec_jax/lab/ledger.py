@@ -10,6 +10,9 @@ Layout (one folder per run; nothing else is read):
                     version), kind (run | trial), free-text notes
     evaluations/*.json   later evaluations of the selected checkpoint (e.g. 1 reverse step)
     test_ranks.npz  every test user's rank (compact, tens of KB): paired tests over users
+    ensemble.json   seed ensembles (DiffuRecSys Algorithm 3) of the selected checkpoint:
+                    metrics and users/s per number of chains S (lab/ensemble.py)
+    ensemble_ranks.npz   each S's per-user test ranks, capped at RANK_CAP (a few KB)
 
 `add_run` copies a workdir into the ledger; `load` reads it back as `Entry` objects, from
 which `ledger_report` rebuilds docs/results.md. Runs made at different times, on different
@@ -27,11 +30,17 @@ import shutil
 import numpy as np
 
 from diffurec_jax import errors
+from diffurec_jax import metrics as metrics_lib
 from diffurec_jax.lab import machine as machine_lib
 
 KINDS = ("run", "trial")
 RUN_FILES = ("config.json", "metrics.jsonl", "results.json")
 RANKS_FILE = "test_ranks.npz"  # Compact copy of the workdir's (write_ranks).
+ENSEMBLE_FILE = "ensemble.json"
+ENSEMBLE_RANKS_FILE = "ensemble_ranks.npz"
+# Ranks beyond the largest metric cutoff are stored as this: every reported metric (@5, @10,
+# @20) stays exact, and the file compresses to a few KB.
+RANK_CAP = max(metrics_lib.KS) + 1
 
 
 class LedgerError(errors.UserError):
@@ -111,6 +120,30 @@ def write_evaluation(workdir: str, label: str, split: str, metrics: dict, *, com
     json.dump(payload, f, indent=2, sort_keys=True)
 
 
+def write_ensemble(folder: str, payload: dict, users: np.ndarray, chains: list[int],
+                   ranks: np.ndarray):
+  """Writes a seed-ensemble evaluation into a ledger entry: `payload` as ensemble.json, and
+  users [n], chains [C] (S of each row) and ranks [C, n] (capped at RANK_CAP, uint8) as
+  ensemble_ranks.npz."""
+  ranks = np.asarray(ranks)
+  assert ranks.shape == (len(chains), len(users)), (ranks.shape, len(chains), len(users))
+  with open(os.path.join(folder, ENSEMBLE_FILE), "w") as f:
+    json.dump(payload, f, indent=2, sort_keys=True)
+  np.savez_compressed(os.path.join(folder, ENSEMBLE_RANKS_FILE),
+                      users=np.asarray(users, np.int32), chains=np.asarray(chains, np.int32),
+                      ranks=np.minimum(ranks, RANK_CAP).astype(np.uint8))
+
+
+def read_ensemble_ranks(folder: str) -> dict | None:
+  """{'users': [n], 'chains': [C], 'ranks': [C, n]} (int64, ranks capped at RANK_CAP) of a
+  ledger entry's seed ensembles, or None when not recorded."""
+  path = os.path.join(folder, ENSEMBLE_RANKS_FILE)
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as saved:
+    return {name: saved[name].astype(np.int64) for name in ("users", "chains", "ranks")}
+
+
 @dataclasses.dataclass
 class Entry:
   """One run of the ledger."""
@@ -122,6 +155,7 @@ class Entry:
   results: dict | None
   run: dict
   evaluations: list
+  ensemble: dict | None = None  # ensemble.json (seed ensembles), when recorded.
 
   @property
   def kind(self) -> str:
@@ -145,7 +179,8 @@ class Entry:
     return max(valid, key=lambda r: r.get("ndcg@10", -1)) if valid else None
 
 
-def _read_json(path: str):
+def read_json(path: str):
+  """The JSON file at `path`, or None when there is none."""
   if not os.path.exists(path):
     return None
   with open(path) as f:
@@ -167,7 +202,7 @@ def load(root: str) -> list[Entry]:
         folder = os.path.join(root, dataset, name, seed_dir)
         if not (seed_dir.startswith("seed") and os.path.isdir(folder)):
           continue
-        config = _read_json(os.path.join(folder, "config.json"))
+        config = read_json(os.path.join(folder, "config.json"))
         if config is None:
           raise LedgerError(f"{folder} has no config.json; remove the folder or re-add the run.")
         metrics = []
@@ -178,10 +213,11 @@ def load(root: str) -> list[Entry]:
         evaluations = []
         evaluations_dir = os.path.join(folder, "evaluations")
         if os.path.isdir(evaluations_dir):
-          evaluations = [_read_json(os.path.join(evaluations_dir, file_name))
+          evaluations = [read_json(os.path.join(evaluations_dir, file_name))
                          for file_name in sorted(os.listdir(evaluations_dir))
                          if file_name.endswith(".json")]
         entries.append(Entry(dataset, name, int(seed_dir[4:]), config, metrics,
-                             _read_json(os.path.join(folder, "results.json")),
-                             _read_json(os.path.join(folder, "run.json")) or {}, evaluations))
+                             read_json(os.path.join(folder, "results.json")),
+                             read_json(os.path.join(folder, "run.json")) or {}, evaluations,
+                             read_json(os.path.join(folder, ENSEMBLE_FILE))))
   return entries

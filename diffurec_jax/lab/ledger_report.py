@@ -261,6 +261,81 @@ def user_tests_section(tests: list[dict]) -> list[str]:
   return lines + [""]
 
 
+def ensemble_rows(root: str, entry) -> list[dict]:
+  """The rows of `entry`'s seed ensembles (ensemble.json), each with 'delta' (NDCG@10 minus
+  S = 1's, None without an S = 1 row) and 'test' (the paired t-test over users of per-user
+  NDCG@10 against S = 1, None without the ranks file or an S = 1 row)."""
+  from diffurec_jax.lab import analysis
+  ensemble = entry.ensemble
+  saved = ledger_lib.read_ensemble_ranks(
+      os.path.join(root, entry.dataset, entry.name, f"seed{entry.seed}"))
+  ranks = dict(zip(saved["chains"].tolist(), saved["ranks"])) if saved is not None else {}
+  single = next((row for row in ensemble["rows"] if row["S"] == 1), None)
+  rows = []
+  for row in ensemble["rows"]:
+    delta = test = None
+    if single is not None and row is not single:
+      delta = row["metrics"]["ndcg@10"] - single["metrics"]["ndcg@10"]
+      if row["S"] in ranks and 1 in ranks:
+        test = analysis.paired_test(per_user_ndcg10(ranks[row["S"]]), per_user_ndcg10(ranks[1]))
+    rows.append({**row, "delta": delta, "test": test})
+  return rows
+
+
+def _p_text(test: dict | None) -> str:
+  """The p-value; 'n/a (identical)' or 'n/a (zero variance)' where t is undefined."""
+  if test is None:
+    return "-"
+  if test["p"] is None:
+    return f"n/a ({test['note'].split(':')[0]})" if test["note"] else "-"
+  return f"{test['p']:.2g}"
+
+
+def _users_text(ensemble: dict) -> str:
+  if ensemble["subsampled"]:
+    return (f"{ensemble['n_users']} of {ensemble['total_users']} test users (a fixed random "
+            f"subset, seed {ensemble['subset_seed']}; its users/s mostly times the padding of "
+            "each length bucket's last batch)")
+  return f"all {ensemble['n_users']} test users"
+
+
+def ensemble_section(root: str, entries) -> list[str]:
+  """'Seed ensembles (DiffuRecSys Algorithm 3)': one row per (run, S) of the entries that
+  hold an ensemble.json; nothing when none does."""
+  entries = [e for e in entries if e.ensemble and e.kind == "run"]
+  if not entries:
+    return []
+  lines = ["### Seed ensembles (DiffuRecSys Algorithm 3)", "",
+           "The selected checkpoint tested again with the item distributions of S reverse "
+           "chains averaged (S = 1 is the run's own test evaluation). Each batch holds "
+           "eval batch size // S users, so every S runs the same number of chains per batch; "
+           "users/s is one timed pass over the test users after a warm-up call per batch shape "
+           "(compilation excluded). p: paired t-test over users (scipy.stats.ttest_rel, "
+           "two-sided) of per-user NDCG@10 against S = 1.", "",
+           "| run | S | HR@10 % | NDCG@10 % | NDCG@10 vs S = 1 (points) | p | users/s | "
+           "command |", "|---|---|---|---|---|---|---|---|"]
+  notes = []
+  for entry in entries:
+    ensemble, label = entry.ensemble, f"{entry.name} s{entry.seed}"
+    for index, row in enumerate(ensemble_rows(root, entry)):
+      delta = "-" if row["delta"] is None else f"{100 * row['delta']:+.2f}"
+      p = _p_text(row["test"])
+      command = f"`{ensemble['command']}`" if index == 0 else ""
+      lines.append(f"| {label} | {row['S']} | {_percent(row['metrics']['hit@10'])} | "
+                   f"{_percent(row['metrics']['ndcg@10'])} | {delta} | {p} | "
+                   f"{row['users_per_s']:.1f} | {command} |")
+    machine = ensemble["machine"]
+    warm_up = ", ".join(f"{row['S']}: {row['compile_s']:.1f}" for row in ensemble["rows"])
+    notes.append(
+        f"- **{label}**: best epoch {ensemble['best_epoch']}, {ensemble['sampler']} sampler, "
+        f"{ensemble['steps']} steps; {_users_text(ensemble)}; history "
+        f"{'masked' if ensemble['mask_history'] else 'not masked'}; batches of "
+        f"{ensemble['eval_batch_size']} // S users; warm-up s (compilation and one batch per "
+        f"shape) by S: {warm_up}; on "
+        f"{_machine_text(machine)} (jax {machine.get('jax', '?')}).")
+  return lines + [""] + notes + [""]
+
+
 def build_markdown(root: str, figures_dir: str, figures_link: str) -> str:
   """The whole page; writes the figures into `figures_dir` (linked as `figures_link`)."""
   entries = ledger_lib.load(root)
@@ -313,6 +388,7 @@ def build_markdown(root: str, figures_dir: str, figures_link: str) -> str:
           lines += [f"  - seed {m['seed']}: {text}" for m, text in zip(row["made"], made)]
       lines.append("")
     lines += user_tests_section(user_tests(root, dataset, entries))
+    lines += ensemble_section(root, [e for e in entries if e.dataset == dataset])
     notes = os.path.join(root, dataset, "notes.md")
     if os.path.exists(notes):  # Prose kept beside the runs (what was tried, what is next).
       with open(notes) as f:

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import statistics
+from typing import NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -52,6 +53,30 @@ def summarize(sampler: str, steps: int | None, per_seed: list[dict], rates: list
   row["mean"] = {name: float(np.mean([result[name] for result in per_seed])) for name in names}
   row["per_seed"] = per_seed
   return row
+
+
+class Timed(NamedTuple):
+  """One config's timed evaluations: per chain seed its metrics (with 'seconds'), users/s
+  and ranks [n_users] (int64, in the examples' order); compile_s: the warm-up's seconds."""
+  per_seed: list[dict]
+  rates: list[float]
+  ranks: list[np.ndarray]
+  compile_s: float
+
+
+def timed_evaluations(evaluator, bundle, batches, chain_seeds) -> Timed:
+  """One warm-up call per batch shape (compilation, excluded from the timing), then one
+  timed evaluation of every batch per seed in `chain_seeds` (keys evaluator.key(seed))."""
+  compile_s = evaluator.warm_up(bundle, batches)
+  per_seed, rates, ranks = [], [], []
+  for seed in chain_seeds:
+    result, seed_ranks, seconds = evaluator.evaluate_batches(bundle, batches,
+                                                             evaluator.key(seed))
+    result["seconds"] = round(seconds, 4)
+    per_seed.append(result)
+    rates.append(len(seed_ranks) / seconds)
+    ranks.append(seed_ranks)
+  return Timed(per_seed, rates, ranks, compile_s)
 
 
 def _check_arguments(ks, samplers, seeds, split, max_users, eta):
@@ -106,7 +131,7 @@ def steps_curve(workdir: str, ks=(1, 2, 4, 8, 16, 32), samplers=CURVE_SAMPLERS, 
                      f"of {workdir}; choose K between 1 and {num_train_steps}.")
   one_step = one_step or "one_step" in samplers
 
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(config.catalog.shards)
   sharding.check_batch_size(config.train.eval_batch_size, mesh, "train.eval_batch_size")
   evaluator = evaluate_lib.Evaluator(config, dataset, mesh)
   total_users = len(evaluator.examples(split))
@@ -122,19 +147,11 @@ def steps_curve(workdir: str, ks=(1, 2, 4, 8, 16, 32), samplers=CURVE_SAMPLERS, 
     run_config = config.copy_and_resolve_references()
     run_config.sample.update(sampler=sampler, steps=steps or 0, seeds=1, eta=eta)
     run_evaluator = evaluate_lib.Evaluator(run_config, dataset, mesh)
-    compile_s = run_evaluator.warm_up(loaded.bundle, batches)
-    per_seed, rates, ranks = [], [], []
-    for seed in range(seeds):
-      result, seed_ranks, seconds = run_evaluator.evaluate_batches(
-          loaded.bundle, batches, run_evaluator.key(seed))
-      result["seconds"] = round(seconds, 4)
-      per_seed.append(result)
-      rates.append(len(examples) / seconds)
-      ranks.append(seed_ranks)
-    rows.append(summarize(sampler, steps, per_seed, rates, compile_s,
+    timed = timed_evaluations(run_evaluator, loaded.bundle, batches, range(seeds))
+    rows.append(summarize(sampler, steps, timed.per_seed, timed.rates, timed.compile_s,
                           mask_history=mask_history, eta=eta if sampler == "ddim" else None))
     if keep_ranks:
-      rows[-1]["ranks"] = np.stack(ranks)
+      rows[-1]["ranks"] = np.stack(timed.ranks)
     logging.info("%s K=%s ndcg@10 %.4f hit@10 %.4f %.1f users/s", sampler, steps,
                  rows[-1]["ndcg@10_mean"], rows[-1]["hit@10_mean"], rows[-1]["users_per_s"])
   result = {
