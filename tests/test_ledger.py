@@ -217,3 +217,34 @@ def test_readme_results_figures_come_from_the_ledger():
     results = f.read()
   quoted = set(re.findall(r"(\d+\.\d+)%", section))
   assert quoted and not {q for q in quoted if q not in results}
+
+
+def _verdict_row(name, ndcg, seeds=3, paper=None):
+  return {"name": name, "ndcg@10": (ndcg, None), "seeds": seeds, "paper": paper,
+          "variant": "sasrec" if name == "sasrec" else "v1" if name == "v1" else "diffurec"}
+
+
+@pytest.mark.parametrize("v1_p, sasrec_p, expected", [
+    (0.001, 0.01, ["worse", "does not hold here", "Better than SASRec-CE: diffurec"]),
+    (0.5, 0.5, ["not different", "does not hold here", "No diffusion variant"]),
+    (0.001, None, ["worse", "higher, untested", "not tested"]),
+])
+def test_verdict_follows_the_tests(v1_p, sasrec_p, expected):
+  rows = [_verdict_row("diffurec", 0.045, paper={"ndcg@10": 0.0477}),
+          _verdict_row("v1", 0.040, seeds=2, paper={"ndcg@10": 0.0553}),
+          _verdict_row("sasrec", 0.041)]
+  tests = [{"name": "v1", "baseline": "diffurec", "p": v1_p},
+           {"name": "diffurec", "baseline": "sasrec", "p": sasrec_p}]
+  text = " ".join(ledger_report.verdict("Toys", rows, tests))
+  for words in expected + ["the paper reports 5.53% against its DiffuRec's 4.77%",
+                           "Provisional: v1 2 seeds"]:
+    assert words in text, (words, text)
+
+
+def test_a_winning_variant_is_named():
+  rows = [_verdict_row("diffurec", 0.045), _verdict_row("v1", 0.050)]
+  tests = [{"name": "v1", "baseline": "diffurec", "p": 0.001}]
+  text = " ".join(ledger_report.verdict("Toys", rows, tests))
+  assert "V1 (cross-attention) against DiffuRec" in text and "better" in text
+  assert "The DiffuRecSys claim that V1/V2 beat DiffuRec holds here." in text
+  assert "Provisional" not in text
