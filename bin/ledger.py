@@ -34,6 +34,8 @@ def parse(argv):
   evaluate.add_argument("--sampler", default="", help="reverse | ddim | one_step ('' = the run's)")
   evaluate.add_argument("--label", required=True)
   evaluate.add_argument("--split", default="test", choices=("valid", "test"))
+  evaluate.add_argument("--lambda0", action="store_true",
+                        help="lambda = 0 at inference (issue 18 H2: does x_t matter?)")
   ensemble = commands.add_parser("ensemble", help="seed ensembles of the selected checkpoint")
   ensemble.add_argument("--workdir", required=True)
   ensemble.add_argument("--entry", required=True,
@@ -74,11 +76,13 @@ def main(argv=None):
     elif args.command_name == "evaluate":
       from diffurec_jax import evaluate as evaluate_lib
       metrics, _, loaded = evaluate_lib.evaluate_workdir(args.workdir, args.split,
-                                                         steps=args.steps, sampler=args.sampler)
+                                                         steps=args.steps, sampler=args.sampler,
+                                                         lambda_zero=args.lambda0)
       command = recorded_command(argv or sys.argv[1:], {args.workdir: "WORKDIR"})
       ledger.write_evaluation(args.workdir, args.label, args.split, metrics, command=command,
                               settings={"steps": args.steps,
-                                        "sampler": loaded.config.sample.sampler})
+                                        "sampler": loaded.config.sample.sampler,
+                                        **({"lambda": 0.0} if args.lambda0 else {})})
       print(f"{args.label}: {args.split} " + " ".join(
           f"{k} {metrics[k]:.4f}" for k in ("hit@10", "ndcg@10", "mrr@10")))
     elif args.command_name == "ensemble":

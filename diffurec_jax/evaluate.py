@@ -192,9 +192,13 @@ class Loaded:
   epoch: int
 
 
-def load(workdir: str, *, seeds: int = 0, steps: int = 0, sampler: str = "") -> Loaded:
-  """The best checkpoint of `workdir` with its config; seeds/steps/sampler override sampling."""
+def load(workdir: str, *, seeds: int = 0, steps: int = 0, sampler: str = "",
+         lambda_zero: bool = False) -> Loaded:
+  """The best checkpoint of `workdir` with its config; seeds/steps/sampler override sampling;
+  lambda_zero: lambda = 0 at inference (the noised x_t never reaches the approximator)."""
   config = workdir_lib.load_config(workdir)
+  if lambda_zero:
+    config.model.lambda_mean, config.model.lambda_std = 0.0, 0.0
   if seeds:
     config.sample.seeds = seeds
   if steps:
@@ -236,10 +240,12 @@ def load_with_data(workdir: str, **overrides) -> tuple[Loaded, object]:
 
 
 def evaluate_workdir(workdir: str, split: str = "test", *, seeds: int = 0, steps: int = 0,
-                     sampler: str = "", progress: bool = True) -> tuple[dict, dict, Loaded]:
+                     sampler: str = "", lambda_zero: bool = False,
+                     progress: bool = True) -> tuple[dict, dict, Loaded]:
   """(metrics, per-user arrays, Loaded) of `workdir`'s best checkpoint on `split`, exactly as
-  training computed them; seeds/steps/sampler override the run's sampling."""
-  loaded, dataset = load_with_data(workdir, seeds=seeds, steps=steps, sampler=sampler)
+  training computed them; seeds/steps/sampler/lambda_zero override the run's sampling."""
+  loaded, dataset = load_with_data(workdir, seeds=seeds, steps=steps, sampler=sampler,
+                                   lambda_zero=lambda_zero)
   mesh = sharding.make_mesh(loaded.config.catalog.shards)
   sharding.check_batch_size(loaded.config.train.eval_batch_size, mesh,
                             "train.eval_batch_size")

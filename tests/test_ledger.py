@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import helpers_train
+from helpers_train import trained_run, trained_workdir  # noqa: F401  (fixtures)
 
 from diffurec_jax import config as config_lib
 from diffurec_jax.lab import ledger
@@ -248,3 +249,19 @@ def test_a_winning_variant_is_named():
   assert "V1 (cross-attention) against DiffuRec" in text and "better" in text
   assert "The DiffuRecSys claim that V1/V2 beat DiffuRec holds here." in text
   assert "Provisional" not in text
+
+
+@pytest.mark.slow
+def test_evaluate_with_lambda_zero_is_recorded(trained_workdir, tmp_path):
+  from diffurec_jax import evaluate
+  from diffurec_jax.models import bundle as bundle_lib
+  loaded = evaluate.load(str(trained_workdir), lambda_zero=True)
+  model = bundle_lib.merge(loaded.bundle)
+  assert (model.lambda_mean, model.lambda_std) == (0.0, 0.0)
+  workdir = helpers_train.copy_workdir(trained_workdir, tmp_path / "run")
+  result = helpers_train.run_script("bin/ledger.py", "evaluate", "--workdir", str(workdir),
+                                    "--steps", "1", "--lambda0", "--label", "lambda 0")
+  assert result.returncode == 0, result.stderr
+  saved = json.load(open(workdir / "evaluations" / "lambda_0.json"))
+  assert saved["settings"] == {"steps": 1, "sampler": "reverse", "lambda": 0.0}
+  assert saved["command"].endswith("--lambda0 --label 'lambda 0'")
