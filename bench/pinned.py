@@ -50,10 +50,7 @@ def child_argv(variant: str, barrier: str | None = None) -> list[str]:
 
 def _result(process: subprocess.Popen, argv: list[str]) -> dict:
   stdout, stderr = process.communicate()
-  if process.returncode:
-    tail = (stderr.strip().splitlines() or ["no output"])[-1]
-    raise SystemExit(f"error: {shlex.join(argv)} failed (exit {process.returncode}): {tail}")
-  return json.loads(stdout.strip().splitlines()[-1])
+  return side_by_side.child_json(argv, process.returncode, stdout, stderr)
 
 
 def both_cores(variant: str) -> float:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 
@@ -43,8 +42,9 @@ BEGIN, END = "<!-- scale:begin -->", "<!-- scale:end -->"
 
 
 def child(part: str, items: str, devices: int, path: str) -> dict:
-  """One `throughput.py --part` process; its JSON plus its wall seconds."""
-  argv = [sys.executable, os.path.join(side_by_side.BENCH, "throughput.py"),
+  """One `throughput.py --part` process; its JSON plus its wall seconds ({'error': ...} when
+  it failed, e.g. out of memory: the other rows still run)."""
+  argv = [os.path.join(side_by_side.BENCH, "throughput.py"),
           f"--config=configs/synthetic.py:items_{items},{_VARIANT.value}", f"--part={part}",
           f"--steps={_STEPS.value}", "--repeats=1", f"--users={_USERS.value}",
           f"--eval_batch_size={_EVAL_BATCH.value}", "--nofour_seeds"]
@@ -53,14 +53,10 @@ def child(part: str, items: str, devices: int, path: str) -> dict:
   flags_now = os.environ.get("XLA_FLAGS", "")
   env = dict(os.environ, XLA_FLAGS=f"{flags_now} "
              f"--xla_force_host_platform_device_count={devices}".strip())
-  start = time.perf_counter()
-  done = subprocess.run(argv, capture_output=True, text=True, env=env)
-  if done.returncode:
-    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"error": f"exit {done.returncode}: {tail}"}
-  result = json.loads(done.stdout.strip().splitlines()[-1])
-  result["process_s"] = round(time.perf_counter() - start, 1)
-  return result
+  try:
+    return side_by_side.run_child(argv, env)
+  except SystemExit as failure:
+    return {"error": str(failure)}
 
 
 def measure() -> list[dict]:

@@ -42,14 +42,20 @@ class Options:
   markdown: str | None
 
 
-def _child(argv: list[str]) -> dict:
-  """Runs one measurement process; its last stdout line is JSON."""
+def child_json(argv: list[str], returncode: int, stdout: str, stderr: str) -> dict:
+  """The JSON of a finished measurement process's last stdout line; SystemExit (one line,
+  with the last line of its stderr) when it failed."""
+  if returncode:
+    tail = (stderr.strip().splitlines() or ["no output"])[-1]
+    raise SystemExit(f"error: {shlex.join(argv)} failed (exit {returncode}): {tail}")
+  return json.loads(stdout.strip().splitlines()[-1])
+
+
+def run_child(argv: list[str], env: dict | None = None) -> dict:
+  """Runs one measurement process (python `argv`); its last stdout line is JSON."""
   start = time.perf_counter()
-  done = subprocess.run([sys.executable] + argv, capture_output=True, text=True)
-  if done.returncode:
-    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    raise SystemExit(f"error: {shlex.join(argv)} failed (exit {done.returncode}): {tail}")
-  result = json.loads(done.stdout.strip().splitlines()[-1])
+  done = subprocess.run([sys.executable] + argv, capture_output=True, text=True, env=env)
+  result = child_json(argv, done.returncode, done.stdout, done.stderr)
   result["process_s"] = round(time.perf_counter() - start, 1)
   return result
 
@@ -90,7 +96,7 @@ def measure(options: Options) -> dict:
         record = {}
         for part in ("train", "infer"):
           argv = ours_argv(options, name, part) if who == "ours" else official_argv(options, part)
-          record.update(_child(argv))
+          record.update(run_child(argv))
           if who == "official":
             record[f"{part}_peak_rss_mb"] = record.pop("peak_rss_mb")
         (ours[name] if who == "ours" else official).append(record)
