@@ -99,13 +99,17 @@ def write_ranks(test_ranks: str, path: str):
   np.savez_compressed(path, users=users, ranks=ranks.astype(dtype))
 
 
-def read_ranks(folder: str) -> dict | None:
-  """{'users': [n], 'ranks': [n]} (int64) of a ledger entry, or None when not recorded."""
-  path = os.path.join(folder, RANKS_FILE)
+def _read_arrays(path: str, names: tuple[str, ...]) -> dict | None:
+  """{name: int64 array} of an npz file, or None when it does not exist."""
   if not os.path.exists(path):
     return None
   with np.load(path) as saved:
-    return {name: saved[name].astype(np.int64) for name in ("users", "ranks")}
+    return {name: saved[name].astype(np.int64) for name in names}
+
+
+def read_ranks(folder: str) -> dict | None:
+  """{'users': [n], 'ranks': [n]} (int64) of a ledger entry, or None when not recorded."""
+  return _read_arrays(os.path.join(folder, RANKS_FILE), ("users", "ranks"))
 
 
 def write_evaluation(workdir: str, label: str, split: str, metrics: dict, *, command: str,
@@ -137,11 +141,7 @@ def write_ensemble(folder: str, payload: dict, users: np.ndarray, chains: list[i
 def read_ensemble_ranks(folder: str) -> dict | None:
   """{'users': [n], 'chains': [C], 'ranks': [C, n]} (int64, ranks capped at RANK_CAP) of a
   ledger entry's seed ensembles, or None when not recorded."""
-  path = os.path.join(folder, ENSEMBLE_RANKS_FILE)
-  if not os.path.exists(path):
-    return None
-  with np.load(path) as saved:
-    return {name: saved[name].astype(np.int64) for name in ("users", "chains", "ranks")}
+  return _read_arrays(os.path.join(folder, ENSEMBLE_RANKS_FILE), ("users", "chains", "ranks"))
 
 
 @dataclasses.dataclass
