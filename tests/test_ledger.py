@@ -12,6 +12,7 @@ from helpers_train import trained_run, trained_workdir  # noqa: F401  (fixtures)
 from diffurec_jax import config as config_lib
 from diffurec_jax.lab import ledger
 from diffurec_jax.lab import ledger_report
+from diffurec_jax.lab import verdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -236,7 +237,7 @@ def test_verdict_follows_the_tests(v1_p, sasrec_p, expected):
           _verdict_row("sasrec", 0.041)]
   tests = [{"name": "v1", "baseline": "diffurec", "p": v1_p},
            {"name": "diffurec", "baseline": "sasrec", "p": sasrec_p}]
-  text = " ".join(ledger_report.verdict("Toys", rows, tests))
+  text = " ".join(verdict.verdict("Toys", rows, tests))
   for words in expected + ["the paper reports 5.53% against its DiffuRec's 4.77%",
                            "Provisional: v1 2 seeds"]:
     assert words in text, (words, text)
@@ -245,7 +246,7 @@ def test_verdict_follows_the_tests(v1_p, sasrec_p, expected):
 def test_a_winning_variant_is_named():
   rows = [_verdict_row("diffurec", 0.045), _verdict_row("v1", 0.050)]
   tests = [{"name": "v1", "baseline": "diffurec", "p": 0.001}]
-  text = " ".join(ledger_report.verdict("Toys", rows, tests))
+  text = " ".join(verdict.verdict("Toys", rows, tests))
   assert "V1 (cross-attention) against DiffuRec" in text and "better" in text
   assert "The DiffuRecSys claim that V1/V2 beat DiffuRec holds here." in text
   assert "Provisional" not in text

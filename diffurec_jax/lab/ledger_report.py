@@ -18,6 +18,7 @@ import numpy as np
 from diffurec_jax.lab import ledger as ledger_lib
 from diffurec_jax.lab import plots
 from diffurec_jax.lab import report as report_lib
+from diffurec_jax.lab import verdict as verdict_lib
 
 HEADLINE = ("hit@10", "ndcg@10")
 ALL_METRICS = ("hit@5", "hit@10", "hit@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr@10")
@@ -244,82 +245,6 @@ def user_tests(root: str, dataset: str, entries) -> list[dict]:
   return tests
 
 
-VERDICT_VARIANTS = (("v1", "V1 (cross-attention)"), ("v2", "V2 (offset noise)"))
-SIGNIFICANT = 0.05  # Two-sided p of the paired test over users.
-
-
-def _compared(name: str, baseline: str, rows: dict, tests: list[dict]) -> str:
-  """'X.XX vs Y.YY, -0.12 points (p 0.03, n seeds / m)': NDCG@10 of `name` against `baseline`."""
-  run, base = rows[name], rows[baseline]
-  text = (f"{100 * run['ndcg@10'][0]:.2f}% vs {100 * base['ndcg@10'][0]:.2f}% NDCG@10, "
-          f"{100 * (run['ndcg@10'][0] - base['ndcg@10'][0]):+.2f} points")
-  test = next((t for t in tests if t["name"] == name and t["baseline"] == baseline), None)
-  if test is not None and test["p"] is not None:
-    text += f" (paired t over users p = {test['p']:.2g})"
-  return text
-
-
-def _better(name: str, baseline: str, rows: dict, tests: list[dict]) -> str:
-  """NDCG@10 of `name` against `baseline` by the paired test over users: 'better', 'worse' or
-  'not different'; 'higher, untested' / 'lower, untested' where the ledger has no ranks."""
-  test = next((t for t in tests if t["name"] == name and t["baseline"] == baseline), None)
-  difference = rows[name]["ndcg@10"][0] - rows[baseline]["ndcg@10"][0]
-  if test is None or test["p"] is None:
-    return "higher, untested" if difference > 0 else "lower, untested"
-  if test["p"] >= SIGNIFICANT:
-    return "not different"
-  return "better" if difference > 0 else "worse"
-
-
-MAIN_ROWS = ("diffurec", "v1", "v2", "sasrec")  # The campaign's 3-seed rows.
-
-
-def verdict(title: str, summary: list[dict], tests: list[dict]) -> list[str]:
-  """The dataset's answer to the papers' claims, written from the table's rows and tests."""
-  rows = {row["name"]: row for row in summary}
-  if "diffurec" not in rows:
-    return []
-  sentences = []
-  claims = []
-  for name, label in VERDICT_VARIANTS:
-    if name not in rows:
-      continue
-    paper, paper_base = rows[name]["paper"], rows["diffurec"]["paper"]
-    claim = ""
-    if paper and paper_base:
-      claim = (f"; the paper reports {100 * paper['ndcg@10']:.2f}% against its DiffuRec's "
-               f"{100 * paper_base['ndcg@10']:.2f}%")
-    outcome = _better(name, "diffurec", rows, tests)
-    claims.append(outcome == "better")
-    sentences.append(f"{label} against DiffuRec: {_compared(name, 'diffurec', rows, tests)}, "
-                     f"{outcome}{claim}.")
-  if claims:
-    sentences.append("The DiffuRecSys claim that V1/V2 beat DiffuRec "
-                     + ("holds here." if all(claims) else
-                        "holds here for " + " and ".join(
-                            n for (n, _), c in zip(VERDICT_VARIANTS, claims) if c) + " only."
-                        if any(claims) else "does not hold here."))
-  if "sasrec" in rows:
-    outcomes = {name: _better(name, "sasrec", rows, tests) for name in MAIN_ROWS[:3]
-                if name in rows}
-    winners = [name for name, outcome in outcomes.items() if outcome == "better"]
-    untested = [name for name, outcome in outcomes.items() if outcome == "higher, untested"]
-    sentences.append(
-        f"DiffuRec against the tuned SASRec-CE: {_compared('diffurec', 'sasrec', rows, tests)}, "
-        f"{outcomes['diffurec']}. "
-        + (f"Better than SASRec-CE: {', '.join(winners)}." if winners else
-           f"Above SASRec-CE's mean but not tested (SASRec's runs have no per-user ranks): "
-           f"{', '.join(untested)}." if untested else
-           "No diffusion variant here beats the tuned SASRec-CE."))
-  seeds = {name: rows[name]["seeds"] for name in MAIN_ROWS if name in rows}
-  if min(seeds.values()) < 3:
-    sentences.append("Provisional: " + ", ".join(f"{n} {k} seed{'s' if k > 1 else ''}"
-                                                 for n, k in seeds.items() if k < 3)
-                     + " of the 3 the campaign plans.")
-  return [f"**Verdict on {title}** (written by the report from the rows above; NDCG@10, "
-          f"differences tested at p < {SIGNIFICANT}): " + " ".join(sentences), ""]
-
-
 def user_tests_section(tests: list[dict]) -> list[str]:
   if not tests:
     return []
@@ -465,7 +390,7 @@ def build_markdown(root: str, figures_dir: str, figures_link: str) -> str:
       lines.append("")
     tests = user_tests(root, dataset, entries)
     lines += user_tests_section(tests)
-    lines += verdict(title, [r for r in rows if r["seeds"]], tests)
+    lines += verdict_lib.verdict(title, [r for r in rows if r["seeds"]], tests)
     lines += ensemble_section(root, [e for e in entries if e.dataset == dataset])
     notes = os.path.join(root, dataset, "notes.md")
     if os.path.exists(notes):  # Prose kept beside the runs (what was tried, what is next).
