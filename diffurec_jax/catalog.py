@@ -143,19 +143,29 @@ def _local_logsumexp(x, table, targets, offset, spec: Spec, include_padding: boo
   def body(carry, start, visited_to):
     maximum, total, target = carry
     scores, ids, _ = _block_scores(x, table, start, visited_to, offset, spec, include_padding)
-    block_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1))
-    new_max = jnp.maximum(maximum, block_max)
-    safe = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
-    total = (total * jnp.exp(maximum - safe)
-             + jnp.sum(jnp.exp(scores - safe[..., None]), axis=-1))
+    maximum, total = _accumulate(maximum, total, scores)
     hit = (ids == targets[:, None]) & jnp.isfinite(scores)
     target = target + jnp.sum(jnp.where(hit, scores, 0.0), axis=-1)
-    return new_max, total, target
+    return maximum, total, target
 
   init = (jnp.full(lead, -jnp.inf), jnp.zeros(lead), jnp.zeros(lead))
   maximum, total, target = _scan_blocks(table, spec, body, init)
+  return (*_finish(maximum, total), target)
+
+
+def _accumulate(maximum, total, scores):
+  """Online log-sum-exp: (running max, sum of exp(score - max)) after one block [..., n]."""
+  block_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1))
+  new_max = jnp.maximum(maximum, block_max)
+  safe = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+  total = total * jnp.exp(maximum - safe) + jnp.sum(jnp.exp(scores - safe[..., None]), axis=-1)
+  return new_max, total
+
+
+def _finish(maximum, total):
+  """(finite max, total rescaled to it): rows with no finite score keep max 0."""
   safe = jnp.where(jnp.isfinite(maximum), maximum, 0.0)
-  return safe, total * jnp.exp(maximum - safe), target
+  return safe, total * jnp.exp(maximum - safe)
 
 
 def logsumexp_and_target(x, table, targets, spec: Spec, include_padding: bool = False):
@@ -279,10 +289,58 @@ def ranks_and_top_k(x, table, targets, spec: Spec, history=None, k: int = 0):
 
 def top_k(x, table, spec: Spec, k: int, history=None):
   """The k items of highest mean log probability [B, k] and their ids [B, k] (history items
-  excluded when given); x [S, B, H]."""
-  no_target = jnp.zeros(x.shape[1], jnp.int32)  # The padding id: no item is kept unmasked.
-  _, values, ids = ranks_and_top_k(x, table, no_target, spec, history, k)
-  return values, ids
+  excluded when given); x [S, B, H].
+
+  One chain (S = 1) takes one pass over the table: a softmax shifts every score of a row by
+  the same log-sum-exp, so the top-k raw scores are the top-k log probabilities, and the
+  log-sum-exp accumulates beside them. Ensembles take two (the mean of S softmaxes needs each
+  chain's log-sum-exp first). Rows with a NaN score get NaN values.
+  """
+  if x.shape[0] > 1:
+    no_target = jnp.zeros(x.shape[1], jnp.int32)  # The padding id: no item is kept unmasked.
+    _, values, ids = ranks_and_top_k(x, table, no_target, spec, history, k)
+    return values, ids
+  if item_shards() <= 1:
+    maximum, total, values, ids = _local_top_k_one_chain(x[0], table, history, 0, spec, k)
+    return values - _combine_logsumexp(maximum, total, False)[:, None], ids
+
+  def local(x, table_shard, *history):
+    offset = _offset(table_shard.shape[0], True)
+    maximum, total, values, ids = _local_top_k_one_chain(
+        x, table_shard, history[0] if history else None, offset, spec, k)
+    lse = _combine_logsumexp(maximum, total, True)
+    # Shards in id order: on equal scores the lower id wins, as in the dense top_k.
+    values, ids = (jax.lax.all_gather(a, AXIS, axis=1, tiled=True) for a in (values, ids))
+    values, where = jax.lax.top_k(values, k)
+    return values - lse[:, None], jnp.take_along_axis(ids, where, axis=1)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  bh_spec = _data_spec(mesh, 2, 0)
+  extra = () if history is None else (history,)
+  return _sharded(local, (bh_spec, P(AXIS)) + (bh_spec,) * len(extra),
+                  (bh_spec, bh_spec))(x[0], table, *extra)
+
+
+def _local_top_k_one_chain(x, table, history, offset, spec: Spec, k: int):
+  """One pass of one chain x [B, H] over this device's rows: (max [B], sum exp [B]) of every
+  item's score and the k best raw scores [B, k] with their ids [B, k], history hidden."""
+  batch = x.shape[0]
+  no_target = jnp.zeros((batch,), jnp.int32)
+
+  def body(carry, start, visited_to):
+    maximum, total, top_values, top_ids = carry
+    scores, ids, _ = _block_scores(x, table, start, visited_to, offset, spec, False)
+    maximum, total = _accumulate(maximum, total, scores)
+    if history is not None:
+      scores = jnp.where(_hidden_in_block(history, no_target, ids), -jnp.inf, scores)
+    values, where = jax.lax.top_k(scores, min(k, ids.shape[0]))
+    top_values, top_ids = _merge_top_k(top_values, top_ids, values, ids[where], k)
+    return maximum, total, top_values, top_ids
+
+  init = (jnp.full((batch,), -jnp.inf), jnp.zeros((batch,)), jnp.full((batch, k), -jnp.inf),
+          jnp.zeros((batch, k), jnp.int32))
+  maximum, total, values, ids = _scan_blocks(table, spec, body, init)
+  return (*_finish(maximum, total), values, ids)
 
 
 # ---- sampled softmax -----------------------------------------------------------------------

@@ -97,6 +97,30 @@ def test_top_k_masks_every_history_item_and_never_returns_padding():
     assert not set(finite) & (set(np.asarray(history[row]).tolist()) - {0})
 
 
+@pytest.mark.parametrize("chains", [1, 3])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("block", [4, 16, 38])
+def test_top_k_equals_dense_with_ties_and_masking(chains, masked, block):
+  x, table, _, history = _problem(seed=5, chains=chains, integer=True)
+  log_probs = _dense_log_probs(x, table)
+  if masked:
+    log_probs = metrics.mask_items(log_probs, history, jnp.zeros(BATCH, jnp.int32))
+  want_values, want_ids = jax.lax.top_k(log_probs, 9)
+  values, ids = catalog.top_k(x, table, catalog.Spec(NUM_ITEMS, block), 9,
+                              history if masked else None)
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_allclose(values, want_values, atol=1e-5)
+
+
+@pytest.mark.parametrize("chains, passes", [(1, 1), (3, 2)])
+def test_top_k_of_one_chain_reads_the_table_once(chains, passes):
+  """One chain: the log-sum-exp accumulates beside the top-k, one matmul per block."""
+  x, table, _, _ = _problem(seed=6, chains=chains)
+  jaxpr = str(jax.make_jaxpr(lambda x, table: catalog.top_k(
+      x, table, catalog.Spec(NUM_ITEMS, 8), 4))(x, table))
+  assert jaxpr.count("dot_general") == passes, jaxpr
+
+
 def test_nan_never_helps():
   x, table, targets, _ = _problem(seed=3)
   table = table.at[4].set(jnp.nan)  # A NaN competitor beats every target.
@@ -145,8 +169,10 @@ def everything(x, table):
   value, grads = jax.value_and_grad(loss, argnums=(0, 1))(x[0], table)
   ranks, values, ids = catalog.ranks_and_top_k(x, table, targets, spec, history, k=5)
   looked = catalog.lookup(table, history)
+  one_values, one_ids = catalog.top_k(x[:1], table, spec, 5, history)
   return {"loss": value, "grad_x": grads[0], "grad_table": grads[1], "ranks": ranks,
-          "top_values": values, "top_ids": ids, "lookup": looked}
+          "top_values": values, "top_ids": ids, "lookup": looked,
+          "one_chain_values": one_values, "one_chain_ids": one_ids}
 
 out = {"single": jax.tree.map(np.asarray, jax.jit(everything)(x, table))}
 for shape in [(2, 2), (1, 4), (4, 1)]:
@@ -172,7 +198,7 @@ def test_sharded_equals_unsharded_on_four_devices():
   assert done.returncode == 0, done.stderr[-3000:]
   result = json.loads(done.stdout.strip().splitlines()[-1])
   for mesh, differences in result.items():
-    for key in ("ranks", "top_ids"):
+    for key in ("ranks", "top_ids", "one_chain_ids"):
       assert differences[key] == 0, (mesh, key, differences)
     for key, difference in differences.items():
       assert difference < 1e-5, (mesh, key, difference)
