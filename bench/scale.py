@@ -8,7 +8,10 @@ For each catalog size N (the synthetic catalog, `configs/synthetic.py:items_<N>`
 count D (fake CPU devices, `--xla_force_host_platform_device_count=D`) and each path:
   dense     today's path: [B, N+1] logits, the table replicated on every device (N up to
             --dense_max_items: beyond it the logits alone need gigabytes);
-  sharded   catalog.block = --block, catalog.shards = D: the table's rows over the D devices;
+  sharded   catalog.block = --block, catalog.shards = D: the table's rows over the D devices,
+            the batch not split (mesh data 1 x items D);
+  mixed     catalog.block = --block, catalog.shards = D / 2 (D >= 4): mesh data 2 x items D/2,
+            the batch over 2 and the table's rows over D/2 (--paths picks which paths run);
 runs `bench/throughput.py --part train` and `--part infer` (32 steps and 1 step) in fresh
 processes and reports training examples/s, users/s, each process's peak RSS and XLA's bytes per
 device of the compiled step (arguments + temporaries). Fake devices share this machine's cores,
@@ -30,6 +33,7 @@ import side_by_side  # bench/
 _ITEMS = flags.DEFINE_list("items", ["1e4", "1e5", "1e6"], "Catalog sizes (presets items_<N>).")
 _DEVICES = flags.DEFINE_list("devices", ["1", "2", "4"], "Fake CPU device counts.")
 _BLOCK = flags.DEFINE_integer("block", 8192, "catalog.block of the sharded path.")
+_PATHS = flags.DEFINE_list("paths", ["dense", "sharded", "mixed"], "Paths measured.")
 _DENSE_MAX = flags.DEFINE_integer("dense_max_items", 100_000, "Largest N run on the dense path.")
 _VARIANT = flags.DEFINE_string("variant", "diffurec", "Preset of the model.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed training steps.")
@@ -41,6 +45,20 @@ _FIGURE = flags.DEFINE_string("figure", None, "Write the log-log figure here (PN
 BEGIN, END = "<!-- scale:begin -->", "<!-- scale:end -->"
 
 
+PATHS = ("dense", "sharded", "mixed")
+
+
+def item_shards(path: str, devices: int) -> int:
+  """catalog.shards of a path on D devices (mixed: half of them, the data axis 2)."""
+  return {"dense": 1, "sharded": devices, "mixed": devices // 2}[path]
+
+
+def runs(path: str, items: str, devices: int) -> bool:
+  if path == "dense":
+    return float(items) <= _DENSE_MAX.value
+  return path == "sharded" or devices >= 4
+
+
 def child(part: str, items: str, devices: int, path: str) -> dict:
   """One `throughput.py --part` process; its JSON plus its wall seconds ({'error': ...} when
   it failed, e.g. out of memory: the other rows still run)."""
@@ -48,8 +66,9 @@ def child(part: str, items: str, devices: int, path: str) -> dict:
           f"--config=configs/synthetic.py:items_{items},{_VARIANT.value}", f"--part={part}",
           f"--steps={_STEPS.value}", "--repeats=1", f"--users={_USERS.value}",
           f"--eval_batch_size={_EVAL_BATCH.value}", "--nofour_seeds"]
-  if path == "sharded":
-    argv += [f"--config.catalog.block={_BLOCK.value}", f"--config.catalog.shards={devices}"]
+  if path != "dense":
+    argv += [f"--config.catalog.block={_BLOCK.value}",
+             f"--config.catalog.shards={item_shards(path, devices)}"]
   flags_now = os.environ.get("XLA_FLAGS", "")
   env = dict(os.environ, XLA_FLAGS=f"{flags_now} "
              f"--xla_force_host_platform_device_count={devices}".strip())
@@ -63,10 +82,14 @@ def measure() -> list[dict]:
   rows = []
   for items in _ITEMS.value:
     for devices in map(int, _DEVICES.value):
-      for path in ("dense", "sharded"):
-        if path == "dense" and float(items) > _DENSE_MAX.value:
+      for path in _PATHS.value:
+        if path not in PATHS:
+          raise app.UsageError(f"--paths: unknown path {path!r}; choose from {PATHS}.")
+        if not runs(path, items, devices):
           continue
-        row = {"items": items, "devices": devices, "path": path}
+        shards = item_shards(path, devices)
+        row = {"items": items, "devices": devices, "path": path,
+               "mesh": f"{devices // shards} x {shards}"}
         for part in ("train", "infer"):
           result = child(part, items, devices, path)
           result.pop("devices", None)  # "D x cpu": the row keeps D as a number.
@@ -88,16 +111,16 @@ def markdown(rows: list[dict], command: str) -> str:
            f"share the cores. {_VARIANT.value}, training {_STEPS.value} steps after compiling, "
            f"inference of {_USERS.value} test users in batches of {_EVAL_BATCH.value}.", "",
            "```bash", command, "```", "",
-           "| N items | devices | path | train ex/s | train MB / device (XLA) | train peak RSS "
+           "| N items | devices | path | mesh data x items | train ex/s | train MB / device (XLA) | train peak RSS "
            "MB | infer users/s, 32 steps | 1 step | infer MB / device (XLA) | infer peak RSS MB |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for row in rows:
     if "error" in row:
-      lines.append(f"| {row['items']} | {row['devices']} | {row['path']} | "
+      lines.append(f"| {row['items']} | {row['devices']} | {row['path']} | {row['mesh']} | "
                    f"failed: {row['error']} | | | | | | |")
       continue
     lines.append(
-        f"| {float(row['items']):,.0f} | {row['devices']} | {row['path']} | "
+        f"| {float(row['items']):,.0f} | {row['devices']} | {row['path']} | {row['mesh']} | "
         f"{_cell(row, 'train_examples_per_s')} | {_cell(row, 'train_device_mb')} | "
         f"{_cell(row, 'train_peak_rss_mb')} | {_cell(row, 'infer_users_per_s')} | "
         f"{_cell(row, 'infer_users_per_s_1step')} | {_cell(row, 'infer_device_mb')} | "
@@ -117,7 +140,7 @@ def figure(rows: list[dict], path: str):
     chosen = [row for row in rows if "error" not in row and row["path"] == path_name
               and row["devices"] == devices]
     sizes = [float(row["items"]) for row in chosen]
-    style = "-o" if path_name == "sharded" else "--s"
+    style = {"dense": "--s", "sharded": "-o", "mixed": ":^"}[path_name]
     label = f"{path_name}, {devices} device{'s' if devices > 1 else ''}"
     memory_axes.plot(sizes, [row["train_device_mb"] for row in chosen], style, label=label)
     time_axes.plot(sizes, [1e3 / row["train_examples_per_s"] for row in chosen], style,
