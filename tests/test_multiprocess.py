@@ -108,21 +108,33 @@ def _free_port() -> int:
     return probe.getsockname()[1]
 
 
-def _start(name: str, tmp: pathlib.Path, workdir: pathlib.Path, data_root, *,
-           devices: int = 1, processes: int = 1, signal_after: int = 0) -> list:
-  """Starts bin/train.py (through _DRIVER) as `processes` processes of `devices` CPU devices."""
+def _environment(data_root, devices: int) -> dict:
   flags = os.environ.get("XLA_FLAGS", "")
   env = dict(os.environ, DIFFUREC_DATA=str(data_root), JAX_PLATFORMS="cpu",
              PYTHONUNBUFFERED="1", **helpers.COMPILATION_CACHE_ENV,
              XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip())
   for variable in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     env.pop(variable, None)
-  arguments = helpers.cli_flags(_CHANGES) + ["--workdir", str(workdir)]
+  return env
+
+
+def _distributed_flags(processes: int) -> list[list[str]]:
+  """Each process's --coordinator_address/--num_processes/--process_id ([[]] for one)."""
+  if processes == 1:
+    return [[]]
   address = f"127.0.0.1:{_free_port()}"
+  return [[f"--coordinator_address={address}", f"--num_processes={processes}",
+           f"--process_id={index}"] for index in range(processes)]
+
+
+def _start(name: str, tmp: pathlib.Path, workdir: pathlib.Path, data_root, *,
+           devices: int = 1, processes: int = 1, signal_after: int = 0,
+           changes: dict = _CHANGES) -> list:
+  """Starts bin/train.py (through _DRIVER) as `processes` processes of `devices` CPU devices."""
+  env = _environment(data_root, devices)
+  arguments = helpers.cli_flags(changes) + ["--workdir", str(workdir)]
   started = []
-  for index in range(processes):
-    distributed = ([f"--coordinator_address={address}", f"--num_processes={processes}",
-                    f"--process_id={index}"] if processes > 1 else [])
+  for index, distributed in enumerate(_distributed_flags(processes)):
     out = tmp / f"{name}.{index}.json"
     process = subprocess.Popen(
         [sys.executable, "-c", _DRIVER, str(out), str(workdir), str(signal_after),
@@ -243,6 +255,94 @@ def test_only_process_zero_writes_the_workdir(runs):
     assert (sorted(p.name for p in (workdirs["two"] / "checkpoints" / which).iterdir())
             == sorted(p.name for p in (workdirs["one"] / "checkpoints" / which).iterdir()))
   assert not list((workdirs["two"] / "checkpoints" / "interrupted").iterdir())  # Deleted.
+
+
+# The item table sharded across the processes ------------------------------------------------
+
+# catalog.shards = 2 on 2 devices: mesh data 1 x items 2, so with 2 processes each holds half of
+# the table and of its Adam moments (and saves that half into the shared checkpoint), and the
+# blockwise CE, ranks and top-K combine the halves across processes.
+_SHARDED_CHANGES = {**_CHANGES, "catalog.shards": 2, "catalog.block": 7}
+
+
+def _recommend(workdir: pathlib.Path, histories: pathlib.Path, output: pathlib.Path,
+               data_root, *, devices: int, processes: int) -> list:
+  """bin/infer.py --input in `processes` processes of `devices` devices: [CompletedProcess]."""
+  env = _environment(data_root, devices)
+  command = [sys.executable, "bin/infer.py", "--workdir", str(workdir), "--input",
+             str(histories), "--output", str(output), "--topk", "6"]
+  started = [subprocess.Popen(command + distributed, cwd=helpers.REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for distributed in _distributed_flags(processes)]
+  done = []
+  for process in started:
+    try:
+      stdout, stderr = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+      for other in started:
+        other.kill()
+      pytest.fail("bin/infer.py: no result in 240 s (a process waiting for another?)")
+    done.append(subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
+  return done
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory, synthetic_data):
+  """The same item-sharded run in 1 process of 2 devices and in 2 processes of 1, started
+  together; then each serves the same histories the same way."""
+  tmp = tmp_path_factory.mktemp("sharded")
+  workdirs = {"one": tmp / "one", "two": tmp / "two"}
+  started = {"one": _start("one", tmp, workdirs["one"], synthetic_data, devices=2,
+                           changes=_SHARDED_CHANGES),
+             "two": _start("two", tmp, workdirs["two"], synthetic_data, processes=2,
+                           changes=_SHARDED_CHANGES)}
+  reports = {name: _finish(processes) for name, processes in started.items()}
+  histories = tmp / "histories.csv"
+  histories.write_text("user,item,timestamp\n" + "".join(
+      f"{user},i{item},{time}\n" for user, items in
+      [("a", [3, 5, 7]), ("b", [11]), ("c", [0, 39, 20, 21, 22]), ("d", [8, 9])]
+      for time, item in enumerate(items)))
+  served = {name: _recommend(workdirs[name], histories, tmp / f"{name}.csv", synthetic_data,
+                             devices=devices, processes=processes)
+            for name, devices, processes in (("one", 2, 1), ("two", 1, 2))}
+  return workdirs, reports, served, tmp
+
+
+@pytest.mark.slow
+def test_item_sharded_training_across_processes_equals_one_process(sharded_runs):
+  workdirs, reports, _, _ = sharded_runs
+  _assert_exit(reports["one"] + reports["two"])
+  (one,), two = reports["one"], reports["two"]
+  assert [r["devices"] for r in two] == [2, 2] and [r["process"] for r in two] == [0, 1]
+  assert len(one["losses"]) == 8
+  for report in two:  # Each process saw every loss; the item halves combine exactly.
+    assert report["losses"] == one["losses"]
+  assert _records(workdirs["two"]) == _records(workdirs["one"])
+  results = [helpers.read_json(workdirs[name] / "results.json") for name in ("one", "two")]
+  for key in ("best_epoch", "valid", "test", "test_all", "epochs_run"):
+    assert _without_clock(results[1][key]) == _without_clock(results[0][key]), key
+  with np.load(workdirs["one"] / "test_ranks.npz") as a, \
+      np.load(workdirs["two"] / "test_ranks.npz") as b:
+    for name in a.files:
+      np.testing.assert_array_equal(b[name], a[name])
+  assert two[1]["writes"] == []
+
+
+@pytest.mark.slow
+def test_item_sharded_serving_across_processes_equals_one_process(sharded_runs):
+  """bin/infer.py restores the half tables from the checkpoint in 2 processes and recommends
+  what 1 process of 2 devices does; process 0 alone prints and writes."""
+  _, _, served, tmp = sharded_runs
+  for finished in served["one"] + served["two"]:
+    assert finished.returncode == 0, finished.stderr[-3000:]
+  # Process 1 prints nothing of ours (gloo's own connection line aside).
+  assert not [line for line in served["two"][1].stdout.splitlines()
+              if not line.startswith("[Gloo]")], served["two"][1].stdout
+  summary = json.loads(served["two"][0].stdout.strip().splitlines()[-1])
+  assert summary["users"] == 4 and summary["output"] == str(tmp / "two.csv")
+  one, two = ((tmp / f"{name}.csv").read_text() for name in ("one", "two"))
+  assert two == one
+  assert len(one.splitlines()) == 1 + 4 * 6  # A header and 6 items for each user.
 
 
 # Flags and the stop vote (no second process) -------------------------------------------------
