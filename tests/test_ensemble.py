@@ -93,6 +93,7 @@ def test_recorded_fields_and_capped_ranks_give_every_metric(recorded):
   assert payload["command"].startswith("python bin/ledger.py ensemble --workdir WORKDIR "
                                        "--entry ENTRY --seeds 1,2")
   assert {"cpu", "cores", "jax", "device"} <= set(payload["machine"])
+  assert len(payload["load_average"]) == 2 and min(payload["load_average"]) >= 0
   for row, ranks in zip(payload["rows"], saved["ranks"]):
     assert row["users_per_s"] > 0 and row["compile_s"] > 0 and row["seconds"] > 0
     assert set(row["metrics"]) == {f"{m}@{k}" for m in ("hit", "ndcg", "mrr")
@@ -119,7 +120,8 @@ def test_the_report_shows_the_recorded_ensembles(recorded, entry, tmp_path):
 # The report section on a hand-made ensemble -------------------------------------------------
 
 
-def _fake_entry(root, name="v2", chains=(1, 2, 4), ranks=None, ndcg=(0.04, 0.0425, 0.05)):
+def _fake_entry(root, name="v2", chains=(1, 2, 4), ranks=None, ndcg=(0.04, 0.0425, 0.05),
+                load=None):
   folder = os.path.join(root, "toys", name, "seed0")
   os.makedirs(folder)
   with open(os.path.join(folder, "config.json"), "w") as f:
@@ -134,6 +136,8 @@ def _fake_entry(root, name="v2", chains=(1, 2, 4), ranks=None, ndcg=(0.04, 0.042
              "sampler": "reverse", "steps": 32, "n_users": 6, "total_users": 10,
              "subsampled": True, "subset_seed": 0, "mask_history": False,
              "eval_batch_size": 1024, "machine": machine, "rows": rows}
+  if load is not None:
+    payload["load_average"] = load
   if ranks is None:
     with open(os.path.join(folder, ledger.ENSEMBLE_FILE), "w") as f:
       json.dump(payload, f)
@@ -163,6 +167,22 @@ def test_report_section_from_a_fake_ensemble(tmp_path):
   (note,) = [line for line in lines if line.startswith("- **v2 s0**")]
   assert "6 of 10 test users" in note and "by S: 1: 2.0, 2: 4.0, 4: 8.0" in note
   assert "Test CPU, 2 cores" in note
+
+
+@pytest.mark.parametrize("load, words, shared", [
+    (None, None, False),
+    ([0.2, 0.4], "load average 0.2 before, 0.4 after", False),
+    ([2.1, 1.9], "load average 2.1 before, 1.9 after", True),  # Beside a training run.
+])
+def test_report_says_when_the_machine_was_shared(tmp_path, load, words, shared):
+  root = str(tmp_path / "results")
+  _fake_entry(root, load=load)
+  (note,) = [line for line in ledger_report.ensemble_section(root, ledger.load(root))
+             if line.startswith("- **v2 s0**")]
+  assert ("load average" in note) == (load is not None)
+  if words:
+    assert words in note, note
+  assert ("users/s are lower bounds" in note) == shared, note
 
 
 def test_identical_ranks_have_no_p(tmp_path):

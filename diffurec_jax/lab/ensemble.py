@@ -143,6 +143,7 @@ def seed_ensembles(workdir: str, chains=DEFAULT_CHAINS, *, max_users: int = 0,
   total_users = len(base.examples(SPLIT))
   examples = base.examples(SPLIT, max_users, subset_seed=steps_curve.SUBSET_SEED)
 
+  load_before = os.getloadavg()[0]
   rows, ranks = [], []
   for run_config in tqdm(run_configs, desc="seed ensembles", disable=not progress):
     evaluator = evaluate_lib.Evaluator(run_config, dataset, mesh)
@@ -168,6 +169,9 @@ def seed_ensembles(workdir: str, chains=DEFAULT_CHAINS, *, max_users: int = 0,
       "subsampled": len(examples) < total_users, "subset_seed": steps_curve.SUBSET_SEED,
       "mask_history": bool(config.train.mask_history),
       "eval_batch_size": config.train.eval_batch_size, "machine": machine_lib.describe(),
+      # 1-minute load averages before and after: on a machine shared with a training run the
+      # users/s are lower bounds, and the report says so.
+      "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
       "rows": rows, "users": examples.users, "ranks": np.stack(ranks),
   }
 

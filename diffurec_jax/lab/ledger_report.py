@@ -300,6 +300,21 @@ def _users_text(ensemble: dict) -> str:
   return f"all {ensemble['n_users']} test users"
 
 
+def _load_text(ensemble: dict) -> str:
+  """How busy the machine was (1-minute load averages, when recorded): above half its cores,
+  something else was running and the users/s are lower bounds."""
+  load = ensemble.get("load_average")
+  if not load:
+    return ""
+  machine = ensemble["machine"]
+  cores = machine.get("cpu_count") or machine.get("cores") or 1
+  text = f"; load average {load[0]:.1f} before, {load[1]:.1f} after"
+  if max(load) > cores / 2:
+    text += (f" on {cores} cores: the machine was shared (a training run), so users/s are "
+             "lower bounds, comparable between the S of this run only")
+  return text
+
+
 def ensemble_section(root: str, entries) -> list[str]:
   """'Seed ensembles (DiffuRecSys Algorithm 3)': one row per (run, S) of the entries that
   hold an ensemble.json; nothing when none does."""
@@ -333,7 +348,7 @@ def ensemble_section(root: str, entries) -> list[str]:
         f"{'masked' if ensemble['mask_history'] else 'not masked'}; batches of "
         f"{ensemble['eval_batch_size']} // S users; warm-up s (compilation and one batch per "
         f"shape) by S: {warm_up}; on "
-        f"{_machine_text(machine)} (jax {machine.get('jax', '?')}).")
+        f"{_machine_text(machine)} (jax {machine.get('jax', '?')}){_load_text(ensemble)}.")
   return lines + [""] + notes + [""]
 
 
