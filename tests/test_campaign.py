@@ -10,6 +10,8 @@ import time
 import pytest
 
 from diffurec_jax.lab import campaign
+from diffurec_jax.lab import campaign_status
+from diffurec_jax.lab import plan as plan_lib
 from diffurec_jax.lab import experiment
 from diffurec_jax.training import workdir as workdir_lib
 
@@ -101,12 +103,12 @@ def fake_workdir(path, row, *, valid_ndcg=0.05, finished=True, changes=None):
 
 
 def test_a_row_parses_with_typed_expectations(tmp_path):
-  (row,) = campaign.load_plan(write_plan(tmp_path, ROW))
+  (row,) = plan_lib.load_plan(write_plan(tmp_path, ROW))
   assert (row.dataset, row.name, row.seed, row.kind, row.device) == (
       "toys", "diffurec", 0, "run", "cpu")
   assert dict(row.expect) == {"variant": "diffurec", "train.patience": 20,
                               "train.batch_size": 512, "data.max_len": 50}
-  (_, cell, _) = campaign.load_plan(write_plan(tmp_path, GRID))
+  (_, cell, _) = plan_lib.load_plan(write_plan(tmp_path, GRID))
   assert {"variant": "sasrec", "model.dropout": 0.5, "model.hidden": 64}.items() <= dict(
       cell.expect).items()
 
@@ -133,20 +135,20 @@ def test_a_row_parses_with_typed_expectations(tmp_path):
     (ROW.replace('notes = "the default recipe"', "notes = "), "is not valid TOML"),
 ])
 def test_a_malformed_plan_is_one_clear_error(tmp_path, text, message):
-  with pytest.raises(campaign.CampaignError, match=message.replace("[", r"\[").replace(
+  with pytest.raises(plan_lib.CampaignError, match=message.replace("[", r"\[").replace(
       "(", r"\(")) as error:
-    campaign.load_plan(write_plan(tmp_path, text))
+    plan_lib.load_plan(write_plan(tmp_path, text))
   assert "\n" not in str(error.value)
 
 
 def test_the_command_adds_the_seed_after_the_config():
-  row = campaign.Row("toys", "v1", 2, "run", 75.0, "", config="configs/toys.py:v1",
+  row = plan_lib.Row("toys", "v1", 2, "run", 75.0, "", config="configs/toys.py:v1",
                      overrides=("--config.data.max_len=50",))
-  assert campaign.command_text(row, "runs") == (
+  assert plan_lib.command_text(row, "runs") == (
       "python bin/train.py --config configs/toys.py:v1 --config.seed=2 "
       "--config.data.max_len=50 --workdir runs/toys_v1_seed2")
-  seed0 = campaign.Row("toys", "diffurec", 0, "run", 55.0, "", config="configs/toys.py")
-  assert campaign.command(seed0, "r") == [
+  seed0 = plan_lib.Row("toys", "diffurec", 0, "run", 55.0, "", config="configs/toys.py")
+  assert plan_lib.command(seed0, "r") == [
       "python", "bin/train.py", "--config", "configs/toys.py", "--workdir", "r/toys_diffurec_seed0"]
 
 
@@ -154,11 +156,11 @@ def test_the_command_adds_the_seed_after_the_config():
 
 
 def states(rows, root, runs):
-  return [(s.row.name, s.row.seed, s.state) for s in campaign.statuses(rows, root, runs)]
+  return [(s.row.name, s.row.seed, s.state) for s in campaign_status.statuses(rows, root, runs)]
 
 
 def test_status_classifies_every_state(tmp_path):
-  rows = campaign.load_plan(write_plan(tmp_path, "\n".join(
+  rows = plan_lib.load_plan(write_plan(tmp_path, "\n".join(
       ROW.replace("seed = 0", f"seed = {seed}") for seed in range(7)) + ROW.replace(
           "seed = 0", 'seed = 7\ndevice = "gpu"')))
   root, runs = str(tmp_path / "results"), str(tmp_path / "runs")
@@ -171,62 +173,62 @@ def test_status_classifies_every_state(tmp_path):
   fake_workdir(rows[5].workdir(runs), rows[5], finished=False,
                changes={"variant": "v1"})  # 5: a workdir of another recipe: conflict
   with workdir_lib.Lock(rows[1].workdir(runs)):
-    result = campaign.statuses(rows, root, runs)
+    result = campaign_status.statuses(rows, root, runs)
   assert [s.state for s in result] == ["done", "running", "partial", "finished", "conflict",
                                        "conflict", "missing", "gpu"]
   assert f"pid {os.getpid()}" in result[1].detail
   assert "epoch 2/20, 2 min trained" in result[2].detail
   assert result[2].remaining_min == pytest.approx(55 - 125 / 60)
   assert "train.patience 5, the plan says 20" in result[4].detail
-  assert campaign.lock_owner(rows[1].workdir(runs)) is None  # Released with the lock.
-  table = campaign.status_table(result, runs)
+  assert campaign_status.lock_owner(rows[1].workdir(runs)) is None  # Released with the lock.
+  table = campaign_status.status_table(result, runs)
   assert "totals: 1 done, 1 running, 1 partial, 1 finished, 2 conflict, 1 missing, 1 gpu" in table
   assert "python bin/train.py --config configs/toys.py:diffurec --config.seed=7" in table
 
 
 def test_resumable_fields_are_not_conflicts(tmp_path):
-  (row,) = campaign.load_plan(write_plan(tmp_path, ROW.replace(
+  (row,) = plan_lib.load_plan(write_plan(tmp_path, ROW.replace(
       '"--config.train.patience=20"',
       '"--config.train.patience=20", "--config.train.num_epochs=300"')))
   folder = fake_workdir(str(tmp_path / "entry"), row, changes={"train.num_epochs": 56})
-  assert campaign.recipe_differences(row, folder) == []
+  assert campaign_status.recipe_differences(row, folder) == []
 
 
 def test_a_preset_is_part_of_the_recipe(tmp_path):
-  (plain,) = campaign.load_plan(write_plan(tmp_path, ROW))
-  (lambda0,) = campaign.load_plan(write_plan(tmp_path, ROW.replace(":diffurec", ":lambda0")))
+  (plain,) = plan_lib.load_plan(write_plan(tmp_path, ROW))
+  (lambda0,) = plan_lib.load_plan(write_plan(tmp_path, ROW.replace(":diffurec", ":lambda0")))
   assert dict(lambda0.expect)["model.lambda_mean"] == 0.0
   folder = fake_workdir(str(tmp_path / "entry"), plain)
-  assert campaign.recipe_differences(lambda0, folder)[0].startswith("model.lambda_mean 0.001")
+  assert campaign_status.recipe_differences(lambda0, folder)[0].startswith("model.lambda_mean 0.001")
 
 
 # The tuning grid ---------------------------------------------------------------------------
 
 
 def test_tuned_rows_wait_for_the_grid_then_take_its_best_cell(tmp_path):
-  rows = campaign.load_plan(write_plan(tmp_path, GRID))
+  rows = plan_lib.load_plan(write_plan(tmp_path, GRID))
   root, runs = str(tmp_path / "results"), str(tmp_path / "runs")
   fake_workdir(rows[0].ledger_dir(root), rows[0], valid_ndcg=0.052)
   assert states(rows, root, runs)[2] == ("sasrec", 1, "waiting")
   fake_workdir(rows[1].workdir(runs), rows[1], valid_ndcg=0.049)  # finished, not in the ledger
-  pick = campaign.grid_pick(rows, "toys", "sasrec grid", root, runs)
+  pick = campaign_status.grid_pick(rows, "toys", "sasrec grid", root, runs)
   assert (pick.cell.name, pick.ndcg, pick.finished) == ("sasrec_d0.2", 0.052, 2)
-  tuned = campaign.classify(rows[2], rows, root, runs)
+  tuned = campaign_status.classify(rows[2], rows, root, runs)
   assert tuned.state == "missing"
-  assert campaign.command_text(tuned.row, runs).endswith(
+  assert plan_lib.command_text(tuned.row, runs).endswith(
       "--config configs/toys.py:sasrec --config.seed=1 --config.model.dropout=0.2 "
       f"--config.train.learning_rate=2e-3 --workdir {runs}/toys_sasrec_seed1")
   assert "Grid pick: sasrec_d0.2" in tuned.row.notes
 
 
 def test_same_as_counts_an_entry_of_the_same_recipe(tmp_path):
-  rows = campaign.load_plan(write_plan(tmp_path, GRID.replace(
+  rows = plan_lib.load_plan(write_plan(tmp_path, GRID.replace(
       'notes = "cell b"', 'notes = "cell b"\nsame_as = "sasrec"')))
   root, runs = str(tmp_path / "results"), str(tmp_path / "runs")
   fake_workdir(rows[1].ledger_dir(root, "sasrec"), rows[1], valid_ndcg=0.06)
   assert states(rows, root, runs)[1] == ("sasrec_d0.5", 0, "done")
   fake_workdir(rows[0].workdir(runs), rows[0], valid_ndcg=0.05)
-  assert campaign.grid_pick(rows, "toys", "sasrec grid", root, runs).cell.name == "sasrec_d0.5"
+  assert campaign_status.grid_pick(rows, "toys", "sasrec grid", root, runs).cell.name == "sasrec_d0.5"
 
 
 # The runner --------------------------------------------------------------------------------
@@ -273,7 +275,7 @@ class FakeTraining:
 
 def run(tmp_path, plan_text, budget_min, minutes, **kwargs):
   plan = write_plan(tmp_path, plan_text)
-  rows = campaign.load_plan(plan)
+  rows = plan_lib.load_plan(plan)
   clock, lines = FakeClock(), []
   training = FakeTraining(clock, rows, minutes)
   code = campaign.run_campaign(plan, root=str(tmp_path / "results"), runs=str(tmp_path / "runs"),
@@ -305,17 +307,17 @@ def test_a_finished_run_is_added_to_the_ledger_with_its_command(tmp_path):
   assert code == 0 and len(training.started) == 1  # 50 min left: the second (55) does not fit.
   entry = rows[0].ledger_dir(str(tmp_path / "results"))
   record = json.load(open(os.path.join(entry, "run.json")))
-  assert record["command"] == campaign.command_text(rows[0], str(tmp_path / "runs"))
+  assert record["command"] == plan_lib.command_text(rows[0], str(tmp_path / "runs"))
   assert (record["kind"], record["notes"]) == ("run", "the default recipe")
   assert any("finished toys diffurec seed0 in 50 min" in line for line in lines)
   assert "[+50 min, 50 min left] next: toys diffurec seed1 needs ~55 min" in lines[-1]
-  assert campaign.classify(rows[0], rows, str(tmp_path / "results"),
+  assert campaign_status.classify(rows[0], rows, str(tmp_path / "results"),
                            str(tmp_path / "runs")).state == "done"
 
 
 def test_finished_workdirs_are_added_first_and_the_report_rebuilt(tmp_path):
   plan = write_plan(tmp_path, ROW)
-  (row,) = campaign.load_plan(plan)
+  (row,) = plan_lib.load_plan(plan)
   root, runs, report = (str(tmp_path / name) for name in ("results", "runs", "results.md"))
   fake_workdir(row.workdir(runs), row)
   lines = []
@@ -360,12 +362,12 @@ def test_dry_run_starts_nothing(tmp_path):
 
 
 def test_the_real_plan_parses_and_its_finished_rows_are_done(tmp_path):
-  rows = campaign.load_plan(os.path.join(ROOT, "results", "plan.toml"))
+  rows = plan_lib.load_plan(os.path.join(ROOT, "results", "plan.toml"))
   root = os.path.join(ROOT, "results")
   in_ledger = [row for row in rows if os.path.isdir(row.ledger_dir(root)) or (
       row.same_as and os.path.isdir(row.ledger_dir(root, row.same_as)))]
   assert {(row.dataset, row.name, row.seed) for row in in_ledger} >= {
       ("toys", "diffurec", 0), ("toys", "v1", 0), ("toys", "v2", 0), ("toys", "sasrec", 0)}
   for row in in_ledger:
-    assert campaign.classify(row, rows, root, str(tmp_path)).state == "done", row.label
+    assert campaign_status.classify(row, rows, root, str(tmp_path)).state == "done", row.label
   assert all(row.device == "gpu" for row in rows if row.estimate_min > 150)
