@@ -100,7 +100,7 @@ def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
 
 def _block_scores(x, table, start, visited_to, offset, spec: Spec, include_padding: bool):
   """(scores [..., B, block] float32 with invalid rows at -inf, ids [block], valid [block])."""
-  block = min(spec.block, table.shape[0])
+  block, _ = blocking(table.shape[0], spec.block)
   rows = jax.lax.dynamic_slice_in_dim(table, start, block, axis=0)
   local_ids = start + jnp.arange(block)
   ids = offset + local_ids
@@ -113,11 +113,18 @@ def _block_scores(x, table, start, visited_to, offset, spec: Spec, include_paddi
   return jnp.where(valid, scores, -jnp.inf), ids, valid
 
 
+def blocking(rows: int, block: int) -> tuple[int, int]:
+  """(rows per block, number of blocks) for `rows` table rows in blocks of at most `block`:
+  the fewest blocks, of equal size, so the last one re-reads fewer than `count` rows (10,001
+  rows in blocks of at most 8,192: 2 x 5,001, not 8,192 + a clamped 8,192)."""
+  count = -(-rows // max(1, min(block, rows)))
+  return -(-rows // count), count
+
+
 def _scan_blocks(table, spec: Spec, body, init):
   """carry = body(carry, block_start, visited_to) over the row blocks of `table`."""
   rows = table.shape[0]
-  block = min(spec.block, rows)
-  count = -(-rows // block)
+  block, count = blocking(rows, spec.block)
 
   def step(carry, index):
     start = jnp.minimum(index * block, rows - block)  # The last block is clamped to the end.

@@ -135,6 +135,15 @@ def test_table_rows(rows, shards, expected):
   assert catalog.table_rows(rows, shards) == expected
 
 
+@pytest.mark.parametrize("rows, block, expected", [
+    (10_001, 8192, (5001, 2)), (38, 4, (4, 10)), (37, 16, (13, 3)), (38, 38, (38, 1)),
+    (38, 64, (38, 1)), (1_000_001, 8192, (8131, 123)), (5, 1, (1, 5))])
+def test_blocking_takes_the_fewest_equal_blocks(rows, block, expected):
+  got_block, count = catalog.blocking(rows, block)
+  assert (got_block, count) == expected
+  assert got_block <= block and got_block * count >= rows > got_block * (count - 1)
+
+
 def test_memory_stays_per_block():
   """Compiled temporaries of the blockwise loss stay far below one [B, N] logit matrix."""
   num_items, batch = 200_000, 64
