@@ -12,6 +12,7 @@ from diffurec_jax import diffusion
 from diffurec_jax import errors
 from diffurec_jax import metrics
 from diffurec_jax import samplers
+from diffurec_jax.data import columns
 from diffurec_jax.data import readers
 from diffurec_jax.data import transforms
 from diffurec_jax.models import attention
@@ -46,7 +47,7 @@ def _problems(config) -> list[str]:
   need(integer(data.item_core) and data.item_core >= 0, "data.item_core", "an integer >= 0")
   one_of("data.format", ("auto",) + readers.FORMATS)
   one_of("data.dedup", transforms.DEDUP_MODES)
-  one_of("data.missing_ids", readers.MISSING_ID_MODES)
+  one_of("data.missing_ids", columns.MISSING_ID_MODES)
   one_of("data.short_users", transforms.SHORT_USER_MODES)
 
   need(integer(model.hidden) and model.hidden >= 1, "model.hidden", "an integer >= 1")

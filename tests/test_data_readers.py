@@ -7,6 +7,7 @@ import polars as pl
 import pytest
 
 from diffurec_jax import data
+from diffurec_jax.data import columns
 from diffurec_jax.data import readers
 
 
@@ -184,8 +185,8 @@ def test_string_ids_are_counted_in_one_line(tmp_path, caplog, text, string_users
   path = _write(tmp_path / "log.csv", text)
   with caplog.at_level("WARNING"):
     frame = readers.read_interactions(path)
-  assert readers.string_ids(frame, "user").to_list() == string_users
-  assert readers.string_ids(frame, "item").to_list() == string_items
+  assert columns.string_ids(frame, "user").to_list() == string_users
+  assert columns.string_ids(frame, "item").to_list() == string_items
   lines = [r.getMessage() for r in caplog.records if "not integers" in r.getMessage()]
   if examples:
     assert lines == [f"{len(string_users)} user id(s) and {len(string_items)} item id(s) of "
@@ -254,7 +255,7 @@ def test_no_rows_says_which_setting(tmp_path, name, text, overrides, expected):
     (pl.Series("user", [3, None], dtype=pl.Int64), ["3", None]),
 ])
 def test_normalise_ids(values, expected):
-  ids = readers.normalise_ids(values)
+  ids = columns.normalise_ids(values)
   assert ids.to_list() == expected and ids.dtype == pl.String and ids.name == "user"
 
 

@@ -23,7 +23,7 @@ import tempfile
 import numpy as np
 from absl import logging
 
-from diffurec_jax.data import readers, registry, splits, transforms
+from diffurec_jax.data import columns, readers, registry, splits, transforms
 from diffurec_jax.data.errors import DataError
 
 CACHE_VERSION = 2  # Bump when the pipeline's output changes for the same config.
@@ -143,7 +143,7 @@ class Dataset:
 
 def _check_config(data_config) -> None:
   choices = {"format": ("auto",) + readers.FORMATS, "dedup": transforms.DEDUP_MODES,
-             "short_users": transforms.SHORT_USER_MODES, "missing_ids": readers.MISSING_ID_MODES}
+             "short_users": transforms.SHORT_USER_MODES, "missing_ids": columns.MISSING_ID_MODES}
   for field, allowed in choices.items():
     if data_config[field] not in allowed:
       raise DataError(f"--config.data.{field}={data_config[field]!r} is not valid; "
