@@ -310,8 +310,8 @@ def _load_text(ensemble: dict) -> str:
   cores = machine.get("cpu_count") or machine.get("cores") or 1
   text = f"; load average {load[0]:.1f} before, {load[1]:.1f} after"
   if max(load) > cores / 2:
-    text += (f" on {cores} cores: the machine was shared (a training run), so users/s are "
-             "lower bounds, comparable between the S of this run only")
+    text += (f" on {cores} cores: the machine was shared (a training run), so its users/s are "
+             "lower bounds, not speed measurements")
   return text
 
 
