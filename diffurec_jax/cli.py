@@ -258,7 +258,7 @@ def parse_flags(argv):
       config_check.validate(flags.FLAGS.config)  # Values, before anything is read or built.
     return args
   except (flags.Error, KeyError, AttributeError, OSError, ValueError, TypeError) as error:
-    if verbose() or "--verbose" in argv:
+    if verbose() or "--verbose" in argv or caused_by_interrupt(error):
       raise
     if isinstance(error, errors.UserError):
       print(f"error: {error}", file=sys.stderr)
@@ -294,16 +294,36 @@ def _install_early_sigint_handler():
   sys.unraisablehook = quiet
 
 
+def caused_by_interrupt(error: BaseException) -> bool:
+  """Whether a KeyboardInterrupt is `error` or in its cause/context chain: a Ctrl-C inside a
+  C extension's import comes out as the ImportError it caused."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, KeyboardInterrupt):
+      return True
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return False
+
+
 def run(main):
   """absl.app.run(main) with `parse_flags`; a Ctrl-C before `run_guarded` is one line too."""
   _install_early_sigint_handler()
   try:
     app.run(main, flags_parser=parse_flags)
+  except Exception as error:  # SystemExit passes through.
+    if verbose() or not caused_by_interrupt(error):
+      raise
+    _interrupted()
   except KeyboardInterrupt:
     if verbose():
       raise
-    print("interrupted", file=sys.stderr, flush=True)
-    sys.exit(130)  # 128 + SIGINT, as interrupt.EXIT_STATUS.
+    _interrupted()
+
+
+def _interrupted():
+  print("interrupted", file=sys.stderr, flush=True)
+  sys.exit(130)  # 128 + SIGINT, as interrupt.EXIT_STATUS.
 
 
 def _first_line(text: str | None) -> str:

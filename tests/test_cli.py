@@ -19,6 +19,7 @@ import pytest
 import helpers_train as helpers
 from helpers_train import synthetic_data, trained_run, trained_workdir  # noqa: F401  (fixtures)
 
+from diffurec_jax import cli
 from diffurec_jax.lab import report
 from diffurec_jax.training import interrupt
 from diffurec_jax.training import workdir as workdir_lib
@@ -89,6 +90,55 @@ def test_ctrl_c_in_the_first_seconds_is_one_line(synthetic_data, tmp_path, after
   assert process.returncode == 130, err[-3000:]
   assert len(lines) == 1 and lines[0].startswith("interrupted"), err[-3000:]
   assert "Traceback" not in err and "Exception ignored" not in err
+
+
+def _chained(*kinds):
+  """An exception of kinds[-1] raised while handling kinds[-2], ... (the first innermost)."""
+  error = None
+  for kind in kinds:
+    try:
+      raise kind("x") from error
+    except BaseException as raised:  # noqa: BLE001  (the chain is the point)
+      error = raised
+  return error
+
+
+@pytest.mark.parametrize("kinds, expected", [
+    ((KeyboardInterrupt,), True),
+    ((KeyboardInterrupt, ImportError), True),  # Ctrl-C inside a C extension's import.
+    ((KeyboardInterrupt, ImportError, RuntimeError), True),
+    ((ImportError,), False),
+    ((ValueError, ImportError), False),
+])
+def test_caused_by_interrupt(kinds, expected):
+  assert cli.caused_by_interrupt(_chained(*kinds)) is expected
+
+
+_RAISES = """
+import sys
+from diffurec_jax import cli
+def main(argv):
+  try:
+    if sys.argv[1] == "interrupted":
+      raise KeyboardInterrupt
+    raise OSError("disk")
+  except BaseException as error:
+    raise ImportError("numpy._core.multiarray failed to import") from error
+cli.run(main)
+"""
+
+
+@pytest.mark.parametrize("case, code, one_line", [("interrupted", 130, "interrupted"),
+                                                  ("other", 1, None)])
+def test_an_import_broken_by_ctrl_c_is_an_interrupt(case, code, one_line):
+  """Only an error a Ctrl-C caused becomes 'interrupted' (exit 130); others keep their trace."""
+  done = subprocess.run([sys.executable, "-c", _RAISES, case], cwd=helpers.REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == code, done.stderr[-2000:]
+  if one_line:
+    assert done.stderr.strip() == one_line
+  else:
+    assert "Traceback" in done.stderr and "OSError: disk" in done.stderr
 
 
 # Time: epoch i/N, compilation, validation, remaining time ----------------------------------
