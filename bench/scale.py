@@ -157,24 +157,11 @@ def figure(rows: list[dict], path: str):
   fig.savefig(path, dpi=110)
 
 
-def _without_outputs(args: list[str]) -> list[str]:
-  """The command's arguments without --markdown/--figure and their values (either spelling:
-  `--markdown=F` or `--markdown F`)."""
-  kept, skip = [], False
-  for arg in args:
-    if skip:
-      skip = False
-    elif arg in ("--markdown", "--figure"):
-      skip = True
-    elif not arg.startswith(("--markdown=", "--figure=")):
-      kept.append(arg)
-  return kept
-
-
 def main(argv):
   del argv
   rows = measure()
-  command = "python bench/scale.py " + shlex.join(_without_outputs(sys.argv[1:]))
+  command = "python bench/scale.py " + shlex.join(
+      side_by_side.without_flags(sys.argv[1:], ("--markdown", "--figure")))
   body = markdown(rows, command)
   print(body)
   print(json.dumps(rows), flush=True)

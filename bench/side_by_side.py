@@ -208,6 +208,20 @@ def markdown(summary: dict, options: Options, command: str) -> str:
   return "\n".join(lines)
 
 
+def without_flags(args: list[str], names: tuple[str, ...]) -> list[str]:
+  """`args` without the flags `names` and their values (`--name=v` or `--name v`): a
+  recorded command that does not name where its output went."""
+  kept, skip = [], False
+  for arg in args:
+    if skip:
+      skip = False
+    elif arg in names:
+      skip = True
+    elif not arg.startswith(tuple(f"{name}=" for name in names)):
+      kept.append(arg)
+  return kept
+
+
 def write_between_markers(path: str, body: str, begin: str = BEGIN, end: str = END):
   """Replaces the text between `begin` and `end` in `path` (appends both if absent)."""
   text = open(path).read() if os.path.exists(path) else ""
@@ -224,13 +238,8 @@ def run(options: Options):
   if options.upstream and not os.path.exists(os.path.join(options.upstream, "diffurec.py")):
     raise SystemExit(f"error: --upstream {options.upstream}: no diffurec.py there; point it at "
                      "the official code's src/.")
-  args, skip = [], False
-  for arg in sys.argv[1:]:  # The command without --markdown and its value.
-    if skip or arg.startswith("--markdown"):
-      skip = arg == "--markdown"
-      continue
-    args.append(arg)
-  command = "python bench/throughput.py " + shlex.join(args)
+  command = "python bench/throughput.py " + shlex.join(
+      without_flags(sys.argv[1:], ("--markdown",)))
   summary = summarise(measure(options))
   body = markdown(summary, options, command)
   print(body)

@@ -86,3 +86,13 @@ def test_upstream_bench_without_path_is_one_line_error():
 def test_side_by_side_rejects_a_wrong_upstream_path():
   with pytest.raises(SystemExit, match="no diffurec.py there"):
     side_by_side.run(OPTIONS)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--markdown", "docs/p.md", "--steps", "3"], ["--steps", "3"]),
+    (["--markdown=docs/p.md", "--figure=f.png", "--items", "1e4"], ["--items", "1e4"]),
+    (["--items", "1e4", "--figure", "f.png"], ["--items", "1e4"]),
+    (["--markdownish", "x"], ["--markdownish", "x"]),  # Another flag, kept.
+])
+def test_recorded_commands_leave_out_where_the_output_went(args, expected):
+  assert side_by_side.without_flags(args, ("--markdown", "--figure")) == expected
