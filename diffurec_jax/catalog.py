@@ -5,7 +5,8 @@ is visited in blocks of `block` rows inside a `lax.scan` (each block's [.., B, b
 recomputed in the backward pass), so peak memory is O(B x block), never O(B x N); and on a mesh
 whose 'items' axis has more than one device the table's rows are sharded over that axis: each
 device visits only its own rows and one collective combines the partial results (max and sum
-for the log-sum-exp, a sum for ranks and lookups, a merge for top-K).
+for the log-sum-exp, a sum for ranks and lookups, a merge for top-K). The sampled softmax that
+approximates the full one in training is sampled_softmax.py.
 
 Shapes: table [R, H] with row 0 the padding item and rows >= N+1 (padding added so that R
 divides over the devices) never scored; queries x [B, H] or [S, B, H] (S ensemble chains);
@@ -237,8 +238,7 @@ def _local_rank_topk(x, table, targets, lse, target_log_prob, history, offset, s
     beats = (log_probs >= target_log_prob[:, None]) | jnp.isnan(log_probs)
     beaten = beaten + jnp.sum(competitor & beats, axis=1, dtype=jnp.int32)
     if k:
-      values, where = jax.lax.top_k(log_probs, min(k, ids.shape[0]))
-      top_values, top_ids = _merge_top_k(top_values, top_ids, values, ids[where], k)
+      top_values, top_ids = _keep_top_k(top_values, top_ids, log_probs, ids, k)
     return beaten, top_values, top_ids
 
   init = (jnp.zeros((batch,), jnp.int32), jnp.full((batch, k), -jnp.inf),
@@ -252,6 +252,20 @@ def _merge_top_k(values_a, ids_a, values_b, ids_b, k: int):
   ids = jnp.concatenate([ids_a, ids_b], axis=1)
   best, where = jax.lax.top_k(values, k)
   return best, jnp.take_along_axis(ids, where, axis=1)
+
+
+def _keep_top_k(top_values, top_ids, values, ids, k: int):
+  """The running top-k [B, k] merged with one block's values [B, block] (ids [block])."""
+  best, where = jax.lax.top_k(values, min(k, ids.shape[0]))
+  return _merge_top_k(top_values, top_ids, best, ids[where], k)
+
+
+def _gather_top_k(values, ids, k: int):
+  """The k best over every shard's top-k [B, k]: shards are in id order, so on equal values
+  the lower id wins, as in the dense top_k."""
+  values, ids = (jax.lax.all_gather(a, AXIS, axis=1, tiled=True) for a in (values, ids))
+  values, where = jax.lax.top_k(values, k)
+  return values, jnp.take_along_axis(ids, where, axis=1)
 
 
 def ranks_and_top_k(x, table, targets, spec: Spec, history=None, k: int = 0):
@@ -276,10 +290,8 @@ def ranks_and_top_k(x, table, targets, spec: Spec, history=None, k: int = 0):
       beaten, values, ids = _local_rank_topk(x, table_shard, targets, lse, target_log_prob,
                                              history[0] if history else None, offset, spec, k)
       beaten = jax.lax.psum(beaten, AXIS)
-      if k:  # Shards in id order: on equal values the lower id wins, as in the dense top_k.
-        values, ids = (jax.lax.all_gather(a, AXIS, axis=1, tiled=True) for a in (values, ids))
-        values, where = jax.lax.top_k(values, k)
-        ids = jnp.take_along_axis(ids, where, axis=1)
+      if k:
+        values, ids = _gather_top_k(values, ids, k)
       return beaten, values, ids
 
     mesh = jax.sharding.get_abstract_mesh()
@@ -315,11 +327,8 @@ def top_k(x, table, spec: Spec, k: int, history=None):
     offset = _offset(table_shard.shape[0], True)
     maximum, total, values, ids = _local_top_k_one_chain(
         x, table_shard, history[0] if history else None, offset, spec, k)
-    lse = _combine_logsumexp(maximum, total, True)
-    # Shards in id order: on equal scores the lower id wins, as in the dense top_k.
-    values, ids = (jax.lax.all_gather(a, AXIS, axis=1, tiled=True) for a in (values, ids))
-    values, where = jax.lax.top_k(values, k)
-    return values - lse[:, None], jnp.take_along_axis(ids, where, axis=1)
+    values, ids = _gather_top_k(values, ids, k)
+    return values - _combine_logsumexp(maximum, total, True)[:, None], ids
 
   mesh = jax.sharding.get_abstract_mesh()
   bh_spec = _data_spec(mesh, 2, 0)
@@ -340,68 +349,10 @@ def _local_top_k_one_chain(x, table, history, offset, spec: Spec, k: int):
     maximum, total = _accumulate(maximum, total, scores)
     if history is not None:
       scores = jnp.where(_hidden_in_block(history, no_target, ids), -jnp.inf, scores)
-    values, where = jax.lax.top_k(scores, min(k, ids.shape[0]))
-    top_values, top_ids = _merge_top_k(top_values, top_ids, values, ids[where], k)
+    top_values, top_ids = _keep_top_k(top_values, top_ids, scores, ids, k)
     return maximum, total, top_values, top_ids
 
   init = (jnp.full((batch,), -jnp.inf), jnp.zeros((batch,)), jnp.full((batch, k), -jnp.inf),
           jnp.zeros((batch, k), jnp.int32))
   maximum, total, values, ids = _scan_blocks(table, spec, body, init)
   return (*_finish(maximum, total), values, ids)
-
-
-# ---- sampled softmax -----------------------------------------------------------------------
-
-LOSSES = ("full", "sampled")
-NEGATIVE_SAMPLERS = ("uniform", "popularity")
-
-
-class Sampled(NamedTuple):
-  """A sampled softmax: M negatives per step from q, plus the batch's own targets (drawn from
-  the data distribution p); q and p as log probabilities over the items [N+1] (-inf at 0)."""
-  negatives: int  # M, shared by every row of a step.
-  log_q: jax.Array  # [N+1] the negative sampler.
-  log_p: jax.Array  # [N+1] the training items' frequency (in-batch candidates).
-
-
-def sampling_distributions(item_counts, sampler: str) -> tuple:
-  """(log q, log p) [N+1] from the training item counts [N+1] (row 0 = padding, never drawn).
-
-  p is the training frequency; q is uniform over items 1..N or p itself ('popularity'). Items
-  never seen in training get a floor of half a count in p, so every log p is finite.
-  """
-  if sampler not in NEGATIVE_SAMPLERS:
-    raise ValueError(f"catalog.negative_sampler={sampler!r}; use one of {NEGATIVE_SAMPLERS}.")
-  counts = jnp.asarray(item_counts, jnp.float32).at[0].set(0.0)
-  counts = jnp.where(jnp.arange(counts.shape[0]) >= 1, jnp.maximum(counts, 0.5), 0.0)
-  log_p = jnp.log(counts) - jnp.log(jnp.sum(counts))
-  if sampler == "popularity":
-    return log_p, log_p
-  uniform = jnp.where(jnp.arange(counts.shape[0]) >= 1, -jnp.log(counts.shape[0] - 1.0),
-                      -jnp.inf)
-  return uniform, log_p
-
-
-def sampled_cross_entropy(x, table, targets, in_batch, key, sampled: Sampled,
-                          scale: float = 1.0) -> jax.Array:
-  """Per-row sampled-softmax CE [R]: a consistent estimate of the full softmax CE.
-
-  x [R, H]; targets [R] in 1..N; in_batch [C] item ids of the batch, negatives for every row
-  (0 = none). The normaliser sum_j exp(s_j) is estimated as exp(s_target), computed exactly,
-  plus an importance-sampled sum over the other items: the C in-batch items (drawn from the
-  data distribution p) and M items drawn from q, each weighted by 1 / (C p_j + M q_j), its
-  expected count among the candidates (the logQ correction of Bengio & Senecal and of Yi et
-  al. 2019). A candidate equal to the row's own target (an "accidental hit") is left out, so
-  as the candidates grow the estimate tends to the full softmax's normaliser.
-  """
-  drawn = jax.random.categorical(key, sampled.log_q, shape=(sampled.negatives,))
-  candidates = jnp.concatenate([in_batch, drawn.astype(in_batch.dtype)])
-  log_count = jnp.logaddexp(jnp.log(in_batch.shape[0]) + sampled.log_p,
-                            jnp.log(sampled.negatives) + sampled.log_q)
-  own = scale * jnp.einsum("rh,rh->r", x, lookup(table, targets).astype(x.dtype))
-  others = scale * jnp.einsum("rh,ch->rc", x, lookup(table, candidates).astype(x.dtype))
-  others = others.astype(jnp.float32) - log_count[candidates][None, :]
-  left_out = (candidates[None, :] == targets[:, None]) | (candidates[None, :] == 0)
-  others = jnp.where(left_out, -jnp.inf, others)
-  own = own.astype(jnp.float32)
-  return jax.nn.logsumexp(jnp.concatenate([own[:, None], others], axis=1), axis=1) - own

@@ -6,7 +6,7 @@ and the flag that fixes it, so a typo costs a second instead of an epoch.
 
 from __future__ import annotations
 
-from diffurec_jax import catalog
+from diffurec_jax import sampled_softmax
 from diffurec_jax import config as config_lib
 from diffurec_jax import diffusion
 from diffurec_jax import errors
@@ -63,8 +63,8 @@ def _problems(config) -> list[str]:
        "an integer >= 0 (0 = score all items at once)")
   need(integer(config.catalog.shards) and config.catalog.shards >= 1, "catalog.shards",
        "an integer >= 1")
-  one_of("catalog.loss", catalog.LOSSES)
-  one_of("catalog.negative_sampler", catalog.NEGATIVE_SAMPLERS)
+  one_of("catalog.loss", sampled_softmax.LOSSES)
+  one_of("catalog.negative_sampler", sampled_softmax.NEGATIVE_SAMPLERS)
   need(integer(config.catalog.negatives) and config.catalog.negatives >= 1,
        "catalog.negatives", "an integer >= 1")
   need(model.item_init_std > 0, "model.item_init_std", "> 0")

@@ -19,6 +19,7 @@ import optax
 import pytest
 
 from diffurec_jax import catalog
+from diffurec_jax import sampled_softmax
 from diffurec_jax import metrics
 from diffurec_jax import samplers
 from diffurec_jax.models import diffurec as model_lib
@@ -238,17 +239,17 @@ def test_blockwise_evaluation_and_recommendations_equal_dense(trained_workdir, m
                              rtol=1e-5)
 
 
-@pytest.mark.parametrize("sampler", catalog.NEGATIVE_SAMPLERS)
+@pytest.mark.parametrize("sampler", sampled_softmax.NEGATIVE_SAMPLERS)
 def test_sampled_softmax_tends_to_the_full_cross_entropy(sampler):
   x, table, targets, history = _problem(seed=5)
   counts = np.bincount(np.asarray(history).ravel(), minlength=NUM_ITEMS + 1) + 1
-  log_q, log_p = catalog.sampling_distributions(counts, sampler)
+  log_q, log_p = sampled_softmax.sampling_distributions(counts, sampler)
   full = catalog.cross_entropy(x[0], table, targets, catalog.Spec(NUM_ITEMS, 8))
   in_batch = targets
   estimates = []
   for negatives in (4, 200_000):
-    sampled = catalog.Sampled(negatives, log_q, log_p)
-    estimates.append(catalog.sampled_cross_entropy(x[0], table, targets, in_batch,
+    sampled = sampled_softmax.Sampled(negatives, log_q, log_p)
+    estimates.append(sampled_softmax.sampled_cross_entropy(x[0], table, targets, in_batch,
                                                    jax.random.key(0), sampled))
   np.testing.assert_allclose(estimates[1], full, rtol=0.01)  # Consistent: many samples.
   assert float(jnp.max(jnp.abs(estimates[0] - full))) > 0.01  # Few samples: an estimate.
@@ -258,12 +259,12 @@ def test_sampled_softmax_leaves_out_accidental_hits_and_padding():
   """Every candidate is the row's own target (in-batch copies, the one drawn negative) or
   padding: all are left out and only the exact own term remains, so the loss is 0."""
   x, table, targets, _ = _problem(seed=6)
-  _, log_p = catalog.sampling_distributions(np.ones(NUM_ITEMS + 1), "uniform")
+  _, log_p = sampled_softmax.sampling_distributions(np.ones(NUM_ITEMS + 1), "uniform")
   only_target = jnp.full(NUM_ITEMS + 1, -jnp.inf).at[targets[0]].set(0.0)
-  sampled = catalog.Sampled(1, only_target, log_p)
+  sampled = sampled_softmax.Sampled(1, only_target, log_p)
   copies = jnp.array([targets[0], 0, targets[0]])
-  loss = catalog.sampled_cross_entropy(x[0][:1], table, targets[:1], copies, jax.random.key(1),
-                                       sampled)
+  loss = sampled_softmax.sampled_cross_entropy(x[0][:1], table, targets[:1], copies,
+                                               jax.random.key(1), sampled)
   np.testing.assert_allclose(loss, 0.0, atol=1e-6)
 
 

@@ -17,6 +17,7 @@ RULES = {
     "samplers": _ABOVE_MODEL,
     "metrics": _ABOVE_MODEL,
     "catalog": _ABOVE_MODEL,
+    "sampled_softmax": _ABOVE_MODEL,
     "sharding": _ABOVE_MODEL,
     "errors": _ABOVE_MODEL,
     "config": _ABOVE_MODEL,

@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from diffurec_jax import catalog
+from diffurec_jax import sampled_softmax
 from diffurec_jax.models import approximator as approximator_lib
 from diffurec_jax.models import attention
 from diffurec_jax.models import bundle as bundle_lib
@@ -161,7 +162,7 @@ def loss_weight(batch) -> jax.Array:
 
 
 def diffusion_loss(params, graphdef, batch, rng, schedule, noise_config, block: int = 0,
-                   sampled: catalog.Sampled | None = None):
+                   sampled: sampled_softmax.Sampled | None = None):
   """Algorithm 1: one CE loss on a batch {history [B, L], targets [B], weights [B]}.
 
   `noise_config` = (mode, delta_c, scale) for the offset noise of the forward process; `block`
@@ -181,7 +182,7 @@ def diffusion_loss(params, graphdef, batch, rng, schedule, noise_config, block: 
   x0_hat = denoise(bundle, batch["history"], x_t, schedule.timesteps[t], model_key, train=True)
   model = bundle_lib.merge(bundle)
   if sampled is not None:
-    losses = catalog.sampled_cross_entropy(
+    losses = sampled_softmax.sampled_cross_entropy(
         x0_hat, table, jnp.maximum(targets, 1), targets, jax.random.fold_in(rng, 1), sampled,
         model.score_scale)
     return weighted_mean(losses, batch["weights"])

@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 
 from diffurec_jax import catalog
+from diffurec_jax import sampled_softmax
 from diffurec_jax.models import approximator as approximator_lib
 from diffurec_jax.models import attention
 from diffurec_jax.models import layers
@@ -51,7 +52,7 @@ class SASRec(nnx.Module):
 
 
 def sequence_loss(params, graphdef, batch, rng, block: int = 0,
-                  sampled: catalog.Sampled | None = None):
+                  sampled: sampled_softmax.Sampled | None = None):
   """CE at every position: batch {history [B, L], next_items [B, L], weights [B]}.
 
   `block` > 0: the softmax over the items in blocks of that many rows; `sampled`: a sampled
@@ -63,7 +64,7 @@ def sequence_loss(params, graphdef, batch, rng, block: int = 0,
   targets = batch["next_items"]
   valid = (targets > 0) * batch["weights"][:, None]
   if sampled is not None:
-    losses = catalog.sampled_cross_entropy(
+    losses = sampled_softmax.sampled_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]), model_lib.item_table(bundle),
         jnp.maximum(targets, 1).reshape(-1), targets[:, -1], jax.random.fold_in(rng, 1),
         sampled)

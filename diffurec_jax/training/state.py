@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from diffurec_jax import catalog
+from diffurec_jax import sampled_softmax as sampled_lib
 from diffurec_jax import config as config_lib
 from diffurec_jax import diffusion
 from diffurec_jax import sharding
@@ -66,13 +67,13 @@ def training_setup(config, dataset):
   return splits.training_examples(dataset), loss, False
 
 
-def sampled_softmax(config, dataset) -> catalog.Sampled | None:
+def sampled_softmax(config, dataset) -> sampled_lib.Sampled | None:
   """The sampled softmax of catalog.loss = 'sampled' (None: the full softmax)."""
   if config.catalog.loss != "sampled":
     return None
-  log_q, log_p = catalog.sampling_distributions(splits.training_item_counts(dataset),
-                                                config.catalog.negative_sampler)
-  return catalog.Sampled(config.catalog.negatives, log_q, log_p)
+  log_q, log_p = sampled_lib.sampling_distributions(splits.training_item_counts(dataset),
+                                                    config.catalog.negative_sampler)
+  return sampled_lib.Sampled(config.catalog.negatives, log_q, log_p)
 
 
 def loss_weight_fn(config):
