@@ -311,19 +311,11 @@ def run(main):
   _install_early_sigint_handler()
   try:
     app.run(main, flags_parser=parse_flags)
-  except Exception as error:  # SystemExit passes through.
+  except (Exception, KeyboardInterrupt) as error:  # SystemExit passes through.
     if verbose() or not caused_by_interrupt(error):
       raise
-    _interrupted()
-  except KeyboardInterrupt:
-    if verbose():
-      raise
-    _interrupted()
-
-
-def _interrupted():
-  print("interrupted", file=sys.stderr, flush=True)
-  sys.exit(130)  # 128 + SIGINT, as interrupt.EXIT_STATUS.
+    print("interrupted", file=sys.stderr, flush=True)
+    sys.exit(130)  # 128 + SIGINT, as interrupt.EXIT_STATUS.
 
 
 def _first_line(text: str | None) -> str:
