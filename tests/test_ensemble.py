@@ -25,6 +25,7 @@ from diffurec_jax import sharding
 from diffurec_jax.lab import ensemble as ensemble_lib
 from diffurec_jax.lab import ledger
 from diffurec_jax.lab import ledger_report
+from diffurec_jax.lab import user_tests
 
 CHAINS = (1, 2)
 
@@ -155,7 +156,7 @@ def test_report_section_from_a_fake_ensemble(tmp_path):
   root = str(tmp_path / "results")
   _fake_entry(root, ranks=RANKS)
   lines = ledger_report.ensemble_section(root, ledger.load(root))
-  ndcg = ledger_report.per_user_ndcg10(np.minimum(RANKS, ledger.RANK_CAP))
+  ndcg = user_tests.per_user_ndcg10(np.minimum(RANKS, ledger.RANK_CAP))
   p2, p4 = (stats.ttest_rel(ndcg[i], ndcg[0]).pvalue for i in (1, 2))
   table = [line for line in lines if line.startswith("| v2 s0 |")]
   assert table == [

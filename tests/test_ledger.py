@@ -12,6 +12,7 @@ from helpers_train import trained_run, trained_workdir  # noqa: F401  (fixtures)
 from diffurec_jax import config as config_lib
 from diffurec_jax.lab import ledger
 from diffurec_jax.lab import ledger_report
+from diffurec_jax.lab import user_tests
 from diffurec_jax.lab import verdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -175,15 +176,15 @@ def test_user_level_paired_tests_against_each_baseline(tmp_path):
     work = fake_workdir(str(tmp_path / name), variant=name)
     np.savez(os.path.join(work, "test_ranks.npz"), users=users, ranks=values)
     ledger.add_run(work, root, name, command="c", machine=MACHINE)
-  tests = ledger_report.user_tests(root, "toys", ledger.load(root))
+  tests = user_tests.user_tests(root, "toys", ledger.load(root))
   assert [(t["name"], t["baseline"]) for t in tests] == [
       ("sasrec", "diffurec"), ("v2", "diffurec"), ("diffurec", "sasrec"), ("v2", "sasrec")]
-  ndcg = {name: ledger_report.per_user_ndcg10(values) for name, values in ranks.items()}
+  ndcg = {name: user_tests.per_user_ndcg10(values) for name, values in ranks.items()}
   expected = stats.ttest_rel(ndcg["v2"], ndcg["diffurec"])
   (test,) = [t for t in tests if (t["name"], t["baseline"]) == ("v2", "diffurec")]
   assert (test["t"], test["p"], test["pairs"]) == (float(expected.statistic),
                                                    float(expected.pvalue), 50)
-  assert "| v2 | diffurec | 1 / 1 | 50 |" in "\n".join(ledger_report.user_tests_section(tests))
+  assert "| v2 | diffurec | 1 / 1 | 50 |" in "\n".join(user_tests.user_tests_section(tests))
 
 
 def test_elapsed_time_counts_the_pause_between_resumes():
