@@ -130,8 +130,7 @@ class Evaluator:
     examples = self.examples(split, max_users)
     history_lengths = (examples.ends - examples.starts).astype(np.int64)
     key = self.key()
-    if sharding.item_shards(self.mesh) > 1:  # The table's rows go to their devices.
-      bundle = bundle_lib.Bundle(bundle.graphdef, sharding.replicate(bundle.params, self.mesh))
+    bundle = place(bundle, self.mesh)
     totals = {}
     ranks = np.zeros(len(history_lengths), dtype=np.int64)
     start = time.time()
@@ -163,6 +162,14 @@ class Evaluator:
     for (plan, _), output in zip(batches, _to_host(outputs)):
       totals = _collect(totals, ranks, plan, output)
     return metrics.finalize(totals), ranks, seconds
+
+
+def place(bundle, mesh):
+  """`bundle` ready for steps on `mesh`: with an 'items' axis the item table's rows go to their
+  devices (sharding.replicate); otherwise it is returned as it is (jit places it)."""
+  if mesh is None or sharding.item_shards(mesh) <= 1:
+    return bundle
+  return bundle_lib.Bundle(bundle.graphdef, sharding.replicate(bundle.params, mesh))
 
 
 def _to_host(outputs):

@@ -198,7 +198,7 @@ def recommend(loaded: evaluate_lib.Loaded, users: list[str], sequences: list[lis
   if mesh is not None:  # The item table's rows on their devices; batches over 'data'.
     sharding.check_batch_size(batch_size, mesh, "batch_size")
     top_items = sharding.under_mesh(top_items, mesh)
-    bundle = bundle_lib.Bundle(bundle.graphdef, sharding.replicate(bundle.params, mesh))
+    bundle = evaluate_lib.place(bundle, mesh)
   schedule = samplers.sampling_schedule(config)
   key = jax.random.key(config.sample.seed)
   lengths_bucket = batches_lib.padded_lengths(config)

@@ -23,7 +23,6 @@ from diffurec_jax import sharding
 from diffurec_jax.lab import ledger as ledger_lib
 from diffurec_jax.lab import machine as machine_lib
 from diffurec_jax.lab import steps_curve
-from diffurec_jax.models import bundle as bundle_lib
 from diffurec_jax.training import workdir as workdir_lib
 
 DEFAULT_CHAINS = (1, 2, 4, 8)
@@ -135,9 +134,6 @@ def seed_ensembles(workdir: str, chains=DEFAULT_CHAINS, *, max_users: int = 0,
     raise errors.UsageError(f"{workdir} holds a SASRec run, which has no reverse chain to "
                             "ensemble; give a diffusion workdir.")
   mesh = sharding.make_mesh(config.catalog.shards)
-  bundle = loaded.bundle
-  if sharding.item_shards(mesh) > 1:  # As Evaluator.evaluate: the table's rows on their devices.
-    bundle = bundle_lib.Bundle(bundle.graphdef, sharding.replicate(bundle.params, mesh))
   run_configs = [ensemble_config(config, s, mesh) for s in chains]  # Errors before any work.
   base = evaluate_lib.Evaluator(config, dataset, mesh)
   total_users = len(base.examples(SPLIT))
@@ -148,7 +144,8 @@ def seed_ensembles(workdir: str, chains=DEFAULT_CHAINS, *, max_users: int = 0,
   for run_config in tqdm(run_configs, desc="seed ensembles", disable=not progress):
     evaluator = evaluate_lib.Evaluator(run_config, dataset, mesh)
     batches = evaluator.batches(examples)
-    timed = steps_curve.timed_evaluations(evaluator, bundle, batches, [config.sample.seed])
+    timed = steps_curve.timed_evaluations(evaluator, loaded.bundle, batches,
+                                          [config.sample.seed])
     del batches  # The next S builds its own (smaller) batches.
     (metrics,), (rate,) = timed.per_seed, timed.rates
     rows.append({"S": run_config.sample.seeds,

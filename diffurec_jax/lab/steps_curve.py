@@ -67,6 +67,7 @@ class Timed(NamedTuple):
 def timed_evaluations(evaluator, bundle, batches, chain_seeds) -> Timed:
   """One warm-up call per batch shape (compilation, excluded from the timing), then one
   timed evaluation of every batch per seed in `chain_seeds` (keys evaluator.key(seed))."""
+  bundle = evaluate_lib.place(bundle, evaluator.mesh)  # An item-sharded run's table.
   compile_s = evaluator.warm_up(bundle, batches)
   per_seed, rates, ranks = [], [], []
   for seed in chain_seeds:
