@@ -59,18 +59,19 @@ def item_shards(mesh=None) -> int:
   return dict(zip(mesh.axis_names, mesh.axis_sizes))[AXIS]
 
 
-def _data_spec(mesh, rank: int, batch_axis: int) -> P:
-  """The spec of a batch-major array: its batch axis over 'data' when the mesh has one."""
-  names = [None] * rank
-  if "data" in mesh.axis_names:
-    names[batch_axis] = "data"
-  return P(*names)
+ROWS, ALL = P(AXIS), P()  # shard_map specs: the table's rows; whole along 'items'.
 
 
 def _sharded(function, in_specs, out_specs):
-  """shard_map over the current mesh's axes (the 'items' axis manual inside `function`)."""
+  """shard_map manual over the 'items' axis only: `function` sees its device's rows of the
+  table and the whole of every other argument along 'items'. The 'data' axis stays automatic
+  (jit shards the batch over it as outside), so the table's gradient is summed over 'data' by
+  jit once, after the contributions of every use (lookups, loss) are added: a shard_map
+  manual over 'data' too would all-reduce each use's gradient on its own, and on a mesh with
+  one data device would keep those three all-reduces anyway (three gradient-sized buffers).
+  """
   return jax.shard_map(function, mesh=jax.sharding.get_abstract_mesh(), in_specs=in_specs,
-                       out_specs=out_specs, check_vma=False)
+                       out_specs=out_specs, axis_names={AXIS}, check_vma=False)
 
 
 def _offset(rows: int, sharded: bool) -> jax.Array:
@@ -92,9 +93,7 @@ def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
     rows_of = table_shard[jnp.clip(where, 0, rows - 1)]
     return jax.lax.psum(jnp.where(mine[..., None], rows_of, 0).astype(table_shard.dtype), AXIS)
 
-  mesh = jax.sharding.get_abstract_mesh()
-  ids_spec = _data_spec(mesh, ids.ndim, 0)
-  return _sharded(local, (P(AXIS), ids_spec), P(*ids_spec, None))(table, ids)
+  return _sharded(local, (ROWS, ALL), ALL)(table, ids)
 
 
 # ---- the block loop ----------------------------------------------------------------------
@@ -191,10 +190,7 @@ def logsumexp_and_target(x, table, targets, spec: Spec, include_padding: bool = 
                                               include_padding)
     return _combine_logsumexp(maximum, total, True), jax.lax.psum(target, AXIS)
 
-  mesh = jax.sharding.get_abstract_mesh()
-  x_spec, t_spec = _data_spec(mesh, x.ndim, x.ndim - 2), _data_spec(mesh, 1, 0)
-  out_spec = P(*x_spec[:-1])
-  return _sharded(local, (x_spec, P(AXIS), t_spec), (out_spec, out_spec))(x, table, targets)
+  return _sharded(local, (ALL, ROWS, ALL), (ALL, ALL))(x, table, targets)
 
 
 def cross_entropy(x, table, targets, spec: Spec, include_padding: bool = False) -> jax.Array:
@@ -294,13 +290,10 @@ def ranks_and_top_k(x, table, targets, spec: Spec, history=None, k: int = 0):
         values, ids = _gather_top_k(values, ids, k)
       return beaten, values, ids
 
-    mesh = jax.sharding.get_abstract_mesh()
-    x_spec, b_spec = _data_spec(mesh, x.ndim, 1), _data_spec(mesh, 1, 0)
-    sb_spec, bk_spec = _data_spec(mesh, 2, 1), _data_spec(mesh, 2, 0)
     extra = () if history is None else (history,)
-    beaten, values, ids = _sharded(
-        local, (x_spec, P(AXIS), b_spec, sb_spec, b_spec) + (bk_spec,) * len(extra),
-        (b_spec, bk_spec, bk_spec))(x, table, targets, lse, target_log_prob, *extra)
+    beaten, values, ids = _sharded(local, (ALL, ROWS) + (ALL,) * (3 + len(extra)),
+                                   (ALL, ALL, ALL))(x, table, targets, lse, target_log_prob,
+                                                    *extra)
   ranks = 1 + beaten
   ranks = jnp.where(jnp.isnan(target_log_prob), spec.num_items, ranks).astype(jnp.int32)
   return ranks, values, ids
@@ -330,11 +323,8 @@ def top_k(x, table, spec: Spec, k: int, history=None):
     values, ids = _gather_top_k(values, ids, k)
     return values - _combine_logsumexp(maximum, total, True)[:, None], ids
 
-  mesh = jax.sharding.get_abstract_mesh()
-  bh_spec = _data_spec(mesh, 2, 0)
   extra = () if history is None else (history,)
-  return _sharded(local, (bh_spec, P(AXIS)) + (bh_spec,) * len(extra),
-                  (bh_spec, bh_spec))(x[0], table, *extra)
+  return _sharded(local, (ALL, ROWS) + (ALL,) * len(extra), (ALL, ALL))(x[0], table, *extra)
 
 
 def _local_top_k_one_chain(x, table, history, offset, spec: Spec, k: int):
