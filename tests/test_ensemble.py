@@ -115,6 +115,7 @@ def test_the_report_shows_the_recorded_ensembles(recorded, entry, tmp_path):
   assert (f"| tiny s0 | 1 | {100 * single['metrics']['hit@10']:.2f} | "
           f"{100 * single['metrics']['ndcg@10']:.2f} | - | - |") in text
   assert "| tiny s0 | 2 |" in text and "--workdir WORKDIR --entry ENTRY" in text
+  assert "**Verdict on seed ensembles**" in text
   assert root not in text and str(helpers_train.REPO) not in text
 
 
@@ -160,10 +161,10 @@ def test_report_section_from_a_fake_ensemble(tmp_path):
   p2, p4 = (stats.ttest_rel(ndcg[i], ndcg[0]).pvalue for i in (1, 2))
   table = [line for line in lines if line.startswith("| v2 s0 |")]
   assert table == [
-      "| v2 s0 | 1 | 8.00 | 4.00 | - | - | 100.0 | "
+      "| v2 s0 | 1 | 8.00 | 4.00 | - | - | - | 100.0 | "
       "`python bin/ledger.py ensemble --workdir WORKDIR` |",
-      f"| v2 s0 | 2 | 8.50 | 4.25 | +0.25 | {p2:.2g} | 50.0 |  |",
-      f"| v2 s0 | 4 | 10.00 | 5.00 | +1.00 | {p4:.2g} | 25.0 |  |"]
+      f"| v2 s0 | 2 | 8.50 | 4.25 | +0.25 | {p2:.2g} | 3 of 6 | 50.0 |  |",  # 40 -> 500: not.
+      f"| v2 s0 | 4 | 10.00 | 5.00 | +1.00 | {p4:.2g} | 4 of 6 | 25.0 |  |"]
   assert lines[0] == "### Seed ensembles (DiffuRecSys Algorithm 3)"
   (note,) = [line for line in lines if line.startswith("- **v2 s0**")]
   assert "6 of 10 test users" in note and "by S: 1: 2.0, 2: 4.0, 4: 8.0" in note
@@ -190,7 +191,7 @@ def test_identical_ranks_have_no_p(tmp_path):
   root = str(tmp_path / "results")
   _fake_entry(root, chains=(1, 2), ranks=RANKS[[0, 0]], ndcg=(0.04, 0.04))
   lines = ledger_report.ensemble_section(root, ledger.load(root))
-  assert "| v2 s0 | 2 | 8.00 | 4.00 | +0.00 | n/a (identical) | 50.0 |  |" in lines
+  assert "| v2 s0 | 2 | 8.00 | 4.00 | +0.00 | n/a (identical) | 0 of 6 | 50.0 |  |" in lines
 
 
 def test_report_section_without_ranks_or_single_chain_or_ensembles(tmp_path):
@@ -198,8 +199,9 @@ def test_report_section_without_ranks_or_single_chain_or_ensembles(tmp_path):
   _fake_entry(root, name="v2")  # No ranks file: deltas, but no p.
   _fake_entry(root, name="diffurec", chains=(2, 4), ndcg=(0.04, 0.05))  # No S = 1: neither.
   lines = ledger_report.ensemble_section(root, ledger.load(root))
-  assert "| v2 s0 | 2 | 8.50 | 4.25 | +0.25 | - | 50.0 |  |" in lines
-  assert "| diffurec s0 | 4 | 10.00 | 5.00 | - | - | 25.0 |  |" in lines
+  assert "| v2 s0 | 2 | 8.50 | 4.25 | +0.25 | - | - | 50.0 |  |" in lines
+  assert "| diffurec s0 | 4 | 10.00 | 5.00 | - | - | - | 25.0 |  |" in lines
+  assert not [line for line in lines if "Verdict" in line]  # Nothing tested: no verdict.
   assert [line for line in lines if line.startswith("| diffurec s0 | 2 |")][0].endswith(
       "`python bin/ledger.py ensemble --workdir WORKDIR` |")
   empty = str(tmp_path / "empty")
@@ -207,6 +209,30 @@ def test_report_section_without_ranks_or_single_chain_or_ensembles(tmp_path):
   with open(os.path.join(empty, "toys", "v2", "seed0", "config.json"), "w") as f:
     json.dump({"seed": 0}, f)
   assert ledger_report.ensemble_section(empty, ledger.load(empty)) == []
+
+
+BETTER = np.array([[2, 3, 5, 8, 9, 12], [1, 2, 3, 4, 6, 7]])  # S = 2 lifts every user.
+
+
+@pytest.mark.parametrize("ranks, ndcg, words", [
+    (RANKS, (0.04, 0.0425, 0.05),
+     ["changed no run's NDCG@10 against one chain at p < 0.05; the largest difference is "
+      "+1.00 points (v2 s0, S = 4).", "At most 4 of 6 users (66.7%) saw any target rank within "
+      "the top 20 move."]),
+    (RANKS[[0, 0]], (0.04, 0.04),
+     ["the largest difference is +0.00 points (v2 s0, S = 2).", "At most 0 of 6 users (0%)",
+      "rank almost exactly as one chain does"]),
+    (BETTER, (0.04, 0.06), ["changed NDCG@10 against one chain at p < 0.05 for v2 s0 S = 2 "
+                            "(+2.00 points).", "At most 6 of 6 users (100%)"]),
+])
+def test_ensemble_verdict(tmp_path, ranks, ndcg, words):
+  root = str(tmp_path / "results")
+  _fake_entry(root, chains=(1, 2, 4)[:len(ranks)], ranks=ranks, ndcg=ndcg)
+  (verdict,) = [line for line in ledger_report.ensemble_section(root, ledger.load(root))
+                if line.startswith("**Verdict on seed ensembles**")]
+  for text in words:
+    assert text in verdict, verdict
+  assert ("almost exactly" in verdict) == any("almost exactly" in text for text in words)
 
 
 def test_ranks_file_is_capped_and_small(tmp_path):

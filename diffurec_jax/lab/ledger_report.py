@@ -239,18 +239,22 @@ def ensemble_section(root: str, entries) -> list[str]:
            "eval batch size // S users, so every S runs the same number of chains per batch; "
            "users/s is one timed pass over the test users after a warm-up call per batch shape "
            "(compilation excluded). p: paired t-test over users (scipy.stats.ttest_rel, "
-           "two-sided) of per-user NDCG@10 against S = 1.", "",
-           "| run | S | HR@10 % | NDCG@10 % | NDCG@10 vs S = 1 (points) | p | users/s | "
-           "command |", "|---|---|---|---|---|---|---|---|"]
-  notes = []
+           "two-sided) of per-user NDCG@10 against S = 1. Users moved: those whose target's "
+           "rank differs from S = 1's (ranks past 20 count as one).", "",
+           "| run | S | HR@10 % | NDCG@10 % | NDCG@10 vs S = 1 (points) | p | users moved | "
+           "users/s | command |", "|---|---|---|---|---|---|---|---|---|"]
+  notes, tested = [], []
   for entry in entries:
     ensemble, label = entry.ensemble, f"{entry.name} s{entry.seed}"
-    for index, row in enumerate(user_tests_lib.ensemble_rows(root, entry)):
+    rows = user_tests_lib.ensemble_rows(root, entry)
+    tested.append((label, ensemble["n_users"], rows))
+    for index, row in enumerate(rows):
       delta = "-" if row["delta"] is None else f"{100 * row['delta']:+.2f}"
       p = user_tests_lib.p_text(row["test"])
+      moved = "-" if row["changed"] is None else f"{row['changed']} of {ensemble['n_users']}"
       command = f"`{ensemble['command']}`" if index == 0 else ""
       lines.append(f"| {label} | {row['S']} | {_percent(row['metrics']['hit@10'])} | "
-                   f"{_percent(row['metrics']['ndcg@10'])} | {delta} | {p} | "
+                   f"{_percent(row['metrics']['ndcg@10'])} | {delta} | {p} | {moved} | "
                    f"{row['users_per_s']:.1f} | {command} |")
     machine = ensemble["machine"]
     warm_up = ", ".join(f"{row['S']}: {row['compile_s']:.1f}" for row in ensemble["rows"])
@@ -261,7 +265,7 @@ def ensemble_section(root: str, entries) -> list[str]:
         f"{ensemble['eval_batch_size']} // S users; warm-up s (compilation and one batch per "
         f"shape) by S: {warm_up}; on "
         f"{_machine_text(machine)} (jax {machine.get('jax', '?')}){_load_text(ensemble)}.")
-  return lines + [""] + notes + [""]
+  return lines + [""] + notes + [""] + verdict_lib.ensemble_verdict(tested)
 
 
 def build_markdown(root: str, figures_dir: str, figures_link: str) -> str:

@@ -68,8 +68,9 @@ def user_tests_section(tests: list[dict]) -> list[str]:
 
 def ensemble_rows(root: str, entry) -> list[dict]:
   """The rows of `entry`'s seed ensembles (ensemble.json), each with 'delta' (NDCG@10 minus
-  S = 1's, None without an S = 1 row) and 'test' (the paired t-test over users of per-user
-  NDCG@10 against S = 1, None without the ranks file or an S = 1 row)."""
+  S = 1's, None without an S = 1 row), 'test' (the paired t-test over users of per-user
+  NDCG@10 against S = 1) and 'changed' (users whose rank differs from S = 1's, ranks past 20
+  counted as one; both None without the ranks file or an S = 1 row)."""
   from diffurec_jax.lab import analysis
   ensemble = entry.ensemble
   saved = ledger_lib.read_ensemble_ranks(
@@ -78,12 +79,14 @@ def ensemble_rows(root: str, entry) -> list[dict]:
   single = next((row for row in ensemble["rows"] if row["S"] == 1), None)
   rows = []
   for row in ensemble["rows"]:
-    delta = test = None
+    delta = test = changed = None
     if single is not None and row is not single:
       delta = row["metrics"]["ndcg@10"] - single["metrics"]["ndcg@10"]
       if row["S"] in ranks and 1 in ranks:
         test = analysis.paired_test(per_user_ndcg10(ranks[row["S"]]), per_user_ndcg10(ranks[1]))
-    rows.append({**row, "delta": delta, "test": test})
+        capped = [np.minimum(ranks[s], ledger_lib.RANK_CAP) for s in (row["S"], 1)]
+        changed = int(np.sum(capped[0] != capped[1]))
+    rows.append({**row, "delta": delta, "test": test, "changed": changed})
   return rows
 
 

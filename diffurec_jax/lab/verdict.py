@@ -78,3 +78,33 @@ def verdict(title: str, summary: list[dict], tests: list[dict]) -> list[str]:
                      + " of the 3 the campaign plans.")
   return [f"**Verdict on {title}** (written by the report from the rows above; NDCG@10, "
           f"differences tested at p < {SIGNIFICANT}): " + " ".join(sentences), ""]
+
+
+def ensemble_verdict(runs: list[tuple[str, int, list[dict]]]) -> list[str]:
+  """The answer on Algorithm 3 from the ensemble table: runs [(label, users, rows)], rows as
+  user_tests.ensemble_rows. Nothing when no row was tested against one chain."""
+  tested = [(label, users, row) for label, users, rows in runs for row in rows
+            if row["test"] is not None]
+  if not tested:
+    return []
+  significant = [(label, row) for label, _, row in tested
+                 if row["test"]["p"] is not None and row["test"]["p"] < SIGNIFICANT]
+  label, _, largest = max(tested, key=lambda item: abs(item[2]["delta"]))
+  if significant:
+    first = ("Averaging S chains changed NDCG@10 against one chain at p < "
+             f"{SIGNIFICANT} for " + ", ".join(
+                 f"{name} S = {row['S']} ({100 * row['delta']:+.2f} points)"
+                 for name, row in significant) + ".")
+  else:
+    first = (f"Averaging S chains changed no run's NDCG@10 against one chain at p < "
+             f"{SIGNIFICANT}; the largest difference is {100 * largest['delta']:+.2f} points "
+             f"({label}, S = {largest['S']}).")
+  _, users, most = max(tested, key=lambda item: item[2]["changed"] / item[1])
+  share = most["changed"] / users
+  second = (f"At most {most['changed']} of {users} users ({100 * share:.3g}%) saw any target "
+            "rank within the top 20 move")
+  second += (": the chains of these checkpoints rank almost exactly as one chain does, so "
+             "averaging S chains costs S times the approximator passes for no measurable gain "
+             "here." if share < 0.01 else ".")
+  return [f"**Verdict on seed ensembles** (written by the report from the rows above): "
+          f"{first} {second}", ""]
