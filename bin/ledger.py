@@ -46,6 +46,9 @@ def parse(argv):
   report = commands.add_parser("report", help="rebuild docs/results.md from the ledger")
   report.add_argument("--root", default="results")
   report.add_argument("--out", default="docs/results.md")
+  report.add_argument("--readme", default="README.md",
+                      help="also rebuild this file's results block (between <!-- results:begin "
+                           "--> and <!-- results:end -->), where it has one; '' for none")
   return parser.parse_args(argv)
 
 
@@ -99,7 +102,7 @@ def main(argv=None):
               f"(compile {row['compile_s']:.1f} s)")
       print(f"wrote the seed ensembles of {result['n_users']} users into {args.entry}")
     else:
-      out = ledger_report.write(args.root, args.out)
+      out = ledger_report.write(args.root, args.out, readme=args.readme or None)
       print(f"wrote {out}")
   except errors.UserError as error:
     print(f"error: {error}", file=sys.stderr)

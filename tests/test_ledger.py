@@ -12,6 +12,7 @@ from helpers_train import trained_run, trained_workdir  # noqa: F401  (fixtures)
 from diffurec_jax import config as config_lib
 from diffurec_jax.lab import ledger
 from diffurec_jax.lab import ledger_report
+from diffurec_jax.lab import readme_block
 from diffurec_jax.lab import user_tests
 from diffurec_jax.lab import verdict
 
@@ -124,9 +125,35 @@ def test_cli_add_and_report(tmp_path):
   again = run("add", "--workdir", work, "--name", "diffurec")
   assert again.returncode == 2 and again.stderr.startswith("error: ") and "--overwrite" in again.stderr
   os.makedirs(tmp_path / "docs")
+  (tmp_path / "README.md").write_text(
+      f"intro\n{readme_block.BEGIN}\nstale figures\n{readme_block.END}\nend\n")
   built = run("report")
   assert built.returncode == 0, built.stderr
   assert "| diffurec | 1 |" in (tmp_path / "docs" / "results.md").read_text()
+  readme = (tmp_path / "README.md").read_text()
+  assert readme.startswith(f"intro\n{readme_block.BEGIN}\n| dataset | run |")
+  assert "| Amazon Toys | diffurec | 1 | 8.00 | 4.00 | 7.46 / 4.77 |" in readme
+  assert "stale" not in readme and readme.endswith(f"\n{readme_block.END}\nend\n")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("a\n<!-- results:begin -->\nold\n<!-- results:end -->\nb",
+     "a\n<!-- results:begin -->\nNEW\n<!-- results:end -->\nb"),
+    ("<!-- results:begin --><!-- results:end -->",
+     "<!-- results:begin -->\nNEW\n<!-- results:end -->"),
+    ("no markers", None),
+    ("<!-- results:end --> before <!-- results:begin -->", None),
+])
+def test_readme_block(text, expected, tmp_path):
+  if expected is None:
+    with pytest.raises(ValueError):
+      readme_block.replace_block(text, "NEW")
+    readme = tmp_path / "README.md"
+    readme.write_text(text)
+    assert not readme_block.update(str(readme), str(tmp_path / "results"))
+    assert readme.read_text() == text
+  else:
+    assert readme_block.replace_block(text, "NEW") == expected
 
 
 def test_dataset_notes_are_included_verbatim(tmp_path):

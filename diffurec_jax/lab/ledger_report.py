@@ -35,7 +35,8 @@ def _mean_std(values):
   return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _percent(mean, std=None, seeds=1) -> str:
+def percent(mean, std=None, seeds=1) -> str:
+  """A fraction in percent, 2 decimals; "mean ± std" over more than one seed; "-" for None."""
   if mean is None:
     return "-"
   text = f"{100 * mean:.2f}"
@@ -195,8 +196,8 @@ def evaluation_rows(entries) -> list[str]:
       delta = (f"{100 * (metrics['ndcg@10'] - base['ndcg@10']):+.2f}"
                if base.get("ndcg@10") is not None else "-")
       lines.append(f"| {entry.dataset} | {entry.name} s{entry.seed} | {evaluation['label']} | "
-                   f"{evaluation['split']} | {_percent(metrics.get('hit@10'))} | "
-                   f"{_percent(metrics.get('ndcg@10'))} | {delta} | `{evaluation['command']}` |")
+                   f"{evaluation['split']} | {percent(metrics.get('hit@10'))} | "
+                   f"{percent(metrics.get('ndcg@10'))} | {delta} | `{evaluation['command']}` |")
   if not lines:
     return []
   return (["## Later evaluations of selected checkpoints", "",
@@ -253,8 +254,8 @@ def ensemble_section(root: str, entries) -> list[str]:
       p = user_tests_lib.p_text(row["test"])
       moved = "-" if row["changed"] is None else f"{row['changed']} of {ensemble['n_users']}"
       command = f"`{ensemble['command']}`" if index == 0 else ""
-      lines.append(f"| {label} | {row['S']} | {_percent(row['metrics']['hit@10'])} | "
-                   f"{_percent(row['metrics']['ndcg@10'])} | {delta} | {p} | {moved} | "
+      lines.append(f"| {label} | {row['S']} | {percent(row['metrics']['hit@10'])} | "
+                   f"{percent(row['metrics']['ndcg@10'])} | {delta} | {p} | {moved} | "
                    f"{row['users_per_s']:.1f} | {command} |")
     machine = ensemble["machine"]
     warm_up = ", ".join(f"{row['S']}: {row['compile_s']:.1f}" for row in ensemble["rows"])
@@ -299,8 +300,8 @@ def build_markdown(root: str, figures_dir: str, figures_link: str) -> str:
         gap = (f"{100 * (row['ndcg@10'][0] - paper['ndcg@10']):+.2f}" if paper else "-")
         epochs = ", ".join(f"{b}/{e}" for b, e in zip(row["best_epoch"], row["epochs_run"]))
         lines.append(
-            f"| {row['name']} | {row['seeds']} | {_percent(*row['hit@10'], row['seeds'])} | "
-            f"{_percent(*row['ndcg@10'], row['seeds'])} | {paper_text} | {gap} | {epochs} | "
+            f"| {row['name']} | {row['seeds']} | {percent(*row['hit@10'], row['seeds'])} | "
+            f"{percent(*row['ndcg@10'], row['seeds'])} | {paper_text} | {gap} | {epochs} | "
             f"{_minutes(row['minutes_to_best'])} / {_minutes(row['minutes_total'])}"
             f"{_elapsed_note(row)} | "
             f"{row['valid'][0]}, {row['valid'][1]} | {row['test_steps']} |")
@@ -309,7 +310,7 @@ def build_markdown(root: str, figures_dir: str, figures_link: str) -> str:
                 "|---|" + "---|" * (len(ALL_METRICS) + 1)]
       for row in rows:
         lines.append(f"| {row['name']} | " + " | ".join(
-            _percent(row[m][0]) for m in ALL_METRICS) + f" | {'yes' if row['mask_history'] else 'no'} |")
+            percent(row[m][0]) for m in ALL_METRICS) + f" | {'yes' if row['mask_history'] else 'no'} |")
       lines += ["", "How each run was made:", ""]
       for row in rows:
         made = [_made_text(m) for m in row["made"]]
@@ -337,9 +338,14 @@ def build_markdown(root: str, figures_dir: str, figures_link: str) -> str:
   return "\n".join(lines)
 
 
-def write(root: str, out: str) -> str:
+def write(root: str, out: str, readme: str | None = None) -> str:
+  """docs/results.md (`out`) and its figures; with `readme`, also that file's results block
+  (readme_block.py), where it has one."""
   figures_dir = os.path.join(os.path.dirname(out) or ".", "figures")
   text = build_markdown(root, figures_dir, "figures")
   with open(out, "w") as f:
     f.write(text + "\n")
+  if readme and os.path.exists(readme):
+    from diffurec_jax.lab import readme_block
+    readme_block.update(readme, root)
   return out
