@@ -342,3 +342,35 @@ def test_item_sharded_serving_across_processes_equals_one_process(sharded_runs):
   one, two = ((tmp / f"{name}.csv").read_text() for name in ("one", "two"))
   assert two == one
   assert len(one.splitlines()) == 1 + 4 * 6  # A header and 6 items for each user.
+
+
+# The full chain of the steps curve (lab/steps_curve.py) on the item-sharded workdir: its
+# table restored and placed over the 2 devices the run trained on.
+_CURVE = r"""
+import json, sys
+import numpy as np
+from diffurec_jax.lab import steps_curve
+
+workdir = sys.argv[1]
+with open(workdir + "/config.json") as f:
+  steps = json.load(f)["model"]["diffusion_steps"]
+curve = steps_curve.steps_curve(workdir, ks=(steps,), samplers=("reverse",), seeds=1,
+                                progress=False, one_step=False, keep_ranks=True)
+(row,) = curve["rows"]
+print(json.dumps({"users": np.asarray(curve["users"]).tolist(),
+                  "ranks": np.asarray(row["ranks"][0]).tolist()}))
+"""
+
+
+@pytest.mark.slow
+def test_steps_curve_of_an_item_sharded_run(sharded_runs, synthetic_data):
+  """The curve's full reverse chain ranks every test user as the run's own test did."""
+  workdirs, _, _, _ = sharded_runs
+  done = subprocess.run([sys.executable, "-c", _CURVE, str(workdirs["one"])],
+                        env=_environment(synthetic_data, 2), cwd=helpers.REPO,
+                        capture_output=True, text=True, timeout=240)
+  assert done.returncode == 0, done.stderr[-3000:]
+  got = json.loads(done.stdout.strip().splitlines()[-1])
+  with np.load(workdirs["one"] / "test_ranks.npz") as saved:
+    np.testing.assert_array_equal(got["users"], saved["users"])
+    np.testing.assert_array_equal(got["ranks"], saved["ranks"])
