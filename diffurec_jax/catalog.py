@@ -65,10 +65,11 @@ ROWS, ALL = P(AXIS), P()  # shard_map specs: the table's rows; whole along 'item
 def _sharded(function, in_specs, out_specs):
   """shard_map manual over the 'items' axis only: `function` sees its device's rows of the
   table and the whole of every other argument along 'items'. The 'data' axis stays automatic
-  (jit shards the batch over it as outside), so the table's gradient is summed over 'data' by
-  jit once, after the contributions of every use (lookups, loss) are added: a shard_map
-  manual over 'data' too would all-reduce each use's gradient on its own, and on a mesh with
-  one data device would keep those three all-reduces anyway (three gradient-sized buffers).
+  (jit shards the batch over it as outside). The compiled 2 x 2 step then has one table-sized
+  collective, an all-reduce per block of the loss's scan. Manual over 'data' too, each use
+  of the table (loss, history and target lookups) all-reduced its own gradient: three per
+  step, and with one data device three trivial ones that still held three gradient-sized
+  buffers (tests/test_catalog.py counts the temporaries).
   """
   return jax.shard_map(function, mesh=jax.sharding.get_abstract_mesh(), in_specs=in_specs,
                        out_specs=out_specs, axis_names={AXIS}, check_vma=False)
