@@ -13,6 +13,7 @@ from diffurec_jax.lab import campaign
 from diffurec_jax.lab import campaign_status
 from diffurec_jax.lab import plan as plan_lib
 from diffurec_jax.lab import experiment
+from diffurec_jax.lab import ledger
 from diffurec_jax.training import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,12 +134,33 @@ def test_a_row_parses_with_typed_expectations(tmp_path):
     (ROW.replace("[[row]]", "[row]"), "must hold [[row]] tables"),
     ("title = 'x'\n" + ROW, "found ['title']"),
     (ROW.replace('notes = "the default recipe"', "notes = "), "is not valid TOML"),
+    (ROW + 'evaluations = [{label = "x", args = ["--workdir=y"]}]\n', "'--workdir=y' is not one of"),
+    (ROW + 'evaluations = [{args = ["--steps=1"]}]\n', "each evaluation is"),
+    (ROW + 'evaluations = [{label = "x", args = "--steps=1"}]\n', "each evaluation is"),
+    (ROW + 'evaluations = [{label = "x", args = ["--steps=1"]}, {label = "x", args = []}]\n',
+     "two evaluations share a label"),
+    (ROW + 'evaluations = "1 step"\n', "has the wrong type"),
 ])
 def test_a_malformed_plan_is_one_clear_error(tmp_path, text, message):
   with pytest.raises(plan_lib.CampaignError, match=message.replace("[", r"\[").replace(
       "(", r"\(")) as error:
     plan_lib.load_plan(write_plan(tmp_path, text))
   assert "\n" not in str(error.value)
+
+
+EVALUATIONS = ('evaluations = [{label = "1 reverse step (test)", args = ["--steps=1"]},\n'
+               '  {label = "lambda = 0 (test)", args = ["--steps=32", "--lambda0"]}]\n')
+
+
+def test_evaluations_parse_into_ledger_commands(tmp_path):
+  (row,) = plan_lib.load_plan(write_plan(tmp_path, ROW + EVALUATIONS))
+  assert row.evaluations == (plan_lib.Evaluation("1 reverse step (test)", ("--steps=1",)),
+                             plan_lib.Evaluation("lambda = 0 (test)", ("--steps=32", "--lambda0")))
+  assert plan_lib.evaluation_command(row, row.evaluations[1], "runs") == [
+      "python", "bin/ledger.py", "evaluate", "--workdir", "runs/toys_diffurec_seed0", "--label",
+      "lambda = 0 (test)", "--steps=32", "--lambda0"]
+  (plain,) = plan_lib.load_plan(write_plan(tmp_path, ROW))
+  assert plain.evaluations == ()
 
 
 def test_the_command_adds_the_seed_after_the_config():
@@ -249,19 +271,28 @@ class FakeTraining:
     self.clock, self.rows, self.minutes = clock, rows, minutes
     self.started, self.signals = [], []
 
+  evaluation_minutes, evaluation_exit = 3, 0
+
   def __call__(self, argv, log_path):
-    assert argv[1] == "bin/train.py" and log_path.endswith(".log")
+    assert argv[1] in ("bin/train.py", "bin/ledger.py") and log_path.endswith(".log")
     self.started.append(argv)
     self.workdir = argv[argv.index("--workdir") + 1]
+    self.label = argv[argv.index("--label") + 1] if "--label" in argv else None
     return self
 
   def wait(self, timeout=None):
     if self.signals:
       return 130
-    if timeout is not None and self.minutes * 60 > timeout:
+    minutes = self.evaluation_minutes if self.label else self.minutes
+    if timeout is not None and minutes * 60 > timeout:
       self.clock.seconds += timeout
       raise subprocess.TimeoutExpired("train", timeout)
-    self.clock.seconds += self.minutes * 60
+    self.clock.seconds += minutes * 60
+    if self.label:  # bin/ledger.py evaluate: records the evaluation in the workdir.
+      if not self.evaluation_exit:
+        ledger.write_evaluation(self.workdir, self.label, "test", {"ndcg@10": 0.04},
+                                command="c", settings={})
+      return self.evaluation_exit
     (row,) = [r for r in self.rows if self.workdir.endswith(f"{r.dataset}_{r.name}_seed{r.seed}")]
     fake_workdir(self.workdir, row)
     return 0
@@ -273,11 +304,12 @@ class FakeTraining:
     self.signals.append("kill")
 
 
-def run(tmp_path, plan_text, budget_min, minutes, **kwargs):
+def run(tmp_path, plan_text, budget_min, minutes, training=None, **kwargs):
   plan = write_plan(tmp_path, plan_text)
   rows = plan_lib.load_plan(plan)
   clock, lines = FakeClock(), []
-  training = FakeTraining(clock, rows, minutes)
+  training = training or FakeTraining(clock, rows, minutes)
+  clock = training.clock
   code = campaign.run_campaign(plan, root=str(tmp_path / "results"), runs=str(tmp_path / "runs"),
                                report="", budget_min=budget_min, start=training, clock=clock,
                                out=lines.append, **kwargs)
@@ -347,6 +379,46 @@ def test_a_real_run_stops_on_sigint(tmp_path):
     time.sleep(0.01)
   runner = campaign.Campaign([], root="", runs="", report="", budget_min=1, out=print)
   assert runner.stop(process) == 130
+
+
+def test_planned_evaluations_are_made_before_the_run_enters_the_ledger(tmp_path):
+  code, training, lines, (row,) = run(tmp_path, ROW + EVALUATIONS, budget_min=100, minutes=50)
+  assert code == 0
+  assert [argv[1:3] for argv in training.started] == [
+      ["bin/train.py", "--config"], ["bin/ledger.py", "evaluate"], ["bin/ledger.py", "evaluate"]]
+  assert any("evaluate toys diffurec seed0: python bin/ledger.py evaluate --workdir "
+             f"{tmp_path}/runs/toys_diffurec_seed0 --label '1 reverse step (test)' --steps=1"
+             in line for line in lines)
+  evaluations = os.path.join(row.ledger_dir(str(tmp_path / "results")), "evaluations")
+  assert sorted(os.listdir(evaluations)) == ["1_reverse_step__test.json", "lambda___0__test.json"]
+  assert any("finished toys diffurec seed0 in 50 min" in line for line in lines)
+
+
+def test_an_interrupted_evaluation_is_made_by_the_next_campaign(tmp_path):
+  # 54 min of training and 3 per evaluation in a 56-minute budget: the first evaluation stops.
+  code, training, lines, (row,) = run(tmp_path, ROW + EVALUATIONS, budget_min=56, minutes=54)
+  assert code == 0 and training.signals == [signal.SIGINT]
+  assert any("the evaluation '1 reverse step (test)' of toys diffurec seed0 stopped" in line
+             for line in lines)
+  root, runs = str(tmp_path / "results"), str(tmp_path / "runs")
+  assert campaign_status.classify(row, [row], root, runs).state == "finished"
+  again = FakeTraining(FakeClock(), [row], minutes=50)
+  code, training, lines, _ = run(tmp_path, ROW + EVALUATIONS, budget_min=10, minutes=50,
+                                 training=again)
+  assert code == 0 and [argv[1] for argv in again.started] == ["bin/ledger.py"] * 2
+  assert any("added the finished" in line for line in lines)
+  assert campaign_status.classify(row, [row], root, runs).state == "done"
+
+
+def test_a_failed_evaluation_stops_the_campaign(tmp_path):
+  plan = write_plan(tmp_path, ROW + EVALUATIONS)
+  rows = plan_lib.load_plan(plan)
+  failing = FakeTraining(FakeClock(), rows, minutes=50)
+  failing.evaluation_exit = 1
+  with pytest.raises(plan_lib.CampaignError, match="'1 reverse step \\(test\\)' of toys "
+                     "diffurec seed0 failed \\(exit 1\\)"):
+    run(tmp_path, ROW + EVALUATIONS, budget_min=100, minutes=50, training=failing)
+  assert not os.path.exists(rows[0].ledger_dir(str(tmp_path / "results")))
 
 
 def test_dry_run_starts_nothing(tmp_path):

@@ -11,7 +11,8 @@ grid"`): those wait until every cell is finished, then take the cell with the be
 NDCG@10. Rows marked `device = "gpu"` are too slow for the CPU and run only with --device gpu.
 
 `run_campaign` runs the next rows, in plan order, as `python bin/train.py` subprocesses while
-the budget lasts, adds each finished run to the ledger and rebuilds docs/results.md. The plan's
+the budget lasts, makes each finished run's planned evaluations (`bin/ledger.py evaluate`),
+adds the run to the ledger and rebuilds docs/results.md. The plan's
 parsing is lab/plan.py; where each row stands, lab/campaign_status.py.
 """
 
@@ -21,6 +22,7 @@ import contextlib
 import functools
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -91,18 +93,58 @@ class Campaign:
     self.out(f"{prefix}[+{self.elapsed_min():.0f} min, "
              f"{self.budget_min - self.elapsed_min():.0f} min left] {text}")
 
-  def add_finished(self, all_status: list[campaign_status.Status]):
-    """Adds the finished workdirs that are not in the ledger yet; rebuilds the report."""
-    finished = [s for s in all_status if s.state == "finished"]
-    for status in finished:
+  def log_path(self, row: plan_lib.Row) -> str:
+    return os.path.join(self.runs, "logs", f"{row.dataset}_{row.name}_seed{row.seed}.log")
+
+  def add_finished(self, all_status: list[campaign_status.Status]) -> int | None:
+    """Adds the finished workdirs that are not in the ledger yet, each after its planned
+    evaluations; rebuilds the report. None, or the exit status when the campaign must stop
+    (as run_row)."""
+    added = 0
+    for status in [s for s in all_status if s.state == "finished"]:
+      stop = self.evaluate(status.row)
+      if stop is not None:
+        break
       if self.dry_run:
         self.say(f"would add {status.row.workdir(self.runs)} to the ledger as "
                  f"{status.row.ledger_dir(self.root)}")
       else:
         target = add_to_ledger(status.row, self.root, self.runs)
         self.say(f"added the finished {status.row.workdir(self.runs)} as {target}")
-    if finished and not self.dry_run:
+        added += 1
+    else:
+      stop = None
+    if added:
       rebuild_report(self.root, self.report)
+    return stop
+
+  def evaluate(self, row: plan_lib.Row) -> int | None:
+    """Makes the row's planned evaluations that its workdir lacks, in order (bin/ledger.py
+    evaluate into the workdir; ledger.add_run copies them). None when all are made, else the
+    campaign's exit status (as run_row): the next campaign makes the rest."""
+    for evaluation in row.evaluations:
+      if plan_lib.evaluation_done(row, evaluation, self.runs):
+        continue
+      argv = plan_lib.evaluation_command(row, evaluation, self.runs, sys.executable)
+      shown = shlex.join(["python", *argv[1:]])
+      if self.dry_run:
+        self.say(f"would evaluate {row.label}: {shown}")
+        continue
+      self.say(f"evaluate {row.label}: {shown}")
+      started = self.clock()
+      code, reason = self.wait(self.start(argv, self.log_path(row)), row,
+                               what=f"the evaluation {evaluation.label!r} of")
+      minutes = (self.clock() - started) / 60
+      if reason:
+        self.say(f"{reason}: the evaluation {evaluation.label!r} of {row.label} stopped after "
+                 f"{minutes:.0f} min; the next campaign makes it before adding the run")
+        return 130 if reason == "interrupted" else 0
+      if code != 0:
+        raise plan_lib.CampaignError(
+            f"The evaluation {evaluation.label!r} of {row.label} failed (exit {code}); see "
+            f"{self.log_path(row)}, fix the cause and rerun the campaign.")
+      self.say(f"evaluated {row.label}: {evaluation.label} in {minutes:.0f} min")
+    return None
 
   def run(self) -> int:
     """0 when it stops in the budget or runs out of rows, 130 when interrupted."""
@@ -113,7 +155,9 @@ class Campaign:
     for status in all_status:
       if status.state in ("running", "conflict"):
         self.say(f"skipping {status.row.label} ({status.state}: {status.detail})")
-    self.add_finished(all_status)
+    stop = self.add_finished(all_status)
+    if stop is not None:
+      return stop
     attempted = set()
     while True:
       candidates = [s for s in campaign_status.statuses(self.rows, self.root, self.runs,
@@ -152,7 +196,7 @@ class Campaign:
     run, 130 when the campaign was interrupted.
     """
     row = status.row
-    log_path = os.path.join(self.runs, "logs", f"{row.dataset}_{row.name}_seed{row.seed}.log")
+    log_path = self.log_path(row)
     self.say(f"{'resume' if status.state == 'partial' else 'start'} {row.label} "
              f"(~{status.remaining_min:.0f} min): {plan_lib.command_text(row, self.runs)} "
              f"(log {log_path})")
@@ -167,6 +211,9 @@ class Campaign:
     if code != 0:
       raise plan_lib.CampaignError(f"{row.label} failed (exit {code}) after {minutes:.0f} min; see "
                           f"{log_path}, fix the cause and rerun the campaign.")
+    stop = self.evaluate(row)
+    if stop is not None:
+      return stop
     target = add_to_ledger(row, self.root, self.runs)
     rebuild_report(self.root, self.report)
     results = campaign_status.read_json(os.path.join(target, "results.json")) or {}
@@ -177,17 +224,19 @@ class Campaign:
              f"{'; ' + self.report + ' rebuilt' if self.report else ''}")
     return None
 
-  def wait(self, process, row: plan_lib.Row) -> tuple[int, str]:
-    """(exit status, '' | 'budget spent' | 'interrupted'): SIGINT when the budget runs out."""
+  def wait(self, process, row: plan_lib.Row, what: str = "") -> tuple[int, str]:
+    """(exit status, '' | 'budget spent' | 'interrupted'): SIGINT when the budget runs out.
+    `what` names an evaluation (training by default: it saves its partial epoch)."""
     deadline = self.began + self.budget_min * 60
+    target = f"{what} {row.label}" if what else f"{row.label} (it saves its partial epoch)"
     try:
       with _sigterm_as_interrupt():
         return process.wait(timeout=max(deadline - self.clock(), 0)), ""
     except subprocess.TimeoutExpired:
-      self.say(f"budget spent: sending SIGINT to {row.label} (it saves its partial epoch)")
+      self.say(f"budget spent: sending SIGINT to {target}")
       return self.stop(process), "budget spent"
     except KeyboardInterrupt:
-      self.say(f"interrupted: sending SIGINT to {row.label} (it saves its partial epoch)")
+      self.say(f"interrupted: sending SIGINT to {target}")
       return self.stop(process), "interrupted"
 
   def stop(self, process) -> int:

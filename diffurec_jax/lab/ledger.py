@@ -112,15 +112,20 @@ def read_ranks(folder: str) -> dict | None:
   return _read_arrays(os.path.join(folder, RANKS_FILE), ("users", "ranks"))
 
 
+def evaluation_path(workdir: str, label: str) -> str:
+  """workdir/evaluations/<label as a file name>.json: where an evaluation is recorded."""
+  slug = "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
+  return os.path.join(workdir, "evaluations", f"{slug}.json")
+
+
 def write_evaluation(workdir: str, label: str, split: str, metrics: dict, *, command: str,
                      settings: dict):
   """Records a later evaluation of a run's selected checkpoint in workdir/evaluations/."""
-  folder = os.path.join(workdir, "evaluations")
-  os.makedirs(folder, exist_ok=True)
-  slug = "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
+  path = evaluation_path(workdir, label)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
   payload = {"label": label, "split": split, "metrics": metrics, "command": command,
              "settings": settings}
-  with open(os.path.join(folder, f"{slug}.json"), "w") as f:
+  with open(path, "w") as f:
     json.dump(payload, f, indent=2, sort_keys=True)
 
 

@@ -3,8 +3,10 @@
 Each row gives a dataset, ledger name, seed, kind, the `bin/train.py` config and overrides, an
 estimate of its minutes on this CPU and notes; optional fields name a tuning grid (`grid`), the
 grid whose best cell a row takes (`after`), an entry made earlier under another name
-(`same_as`) and a device (`gpu`: too slow for the CPU). A row's `expect` holds the config
-fields its run must have, so a workdir made with another recipe is a conflict, not a resume.
+(`same_as`), a device (`gpu`: too slow for the CPU) and later evaluations of its selected
+checkpoint (`evaluations`: `bin/ledger.py evaluate` runs made when training ends, before the
+run enters the ledger). A row's `expect` holds the config fields its run must have, so a
+workdir made with another recipe is a conflict, not a resume.
 """
 
 from __future__ import annotations
@@ -22,12 +24,23 @@ from diffurec_jax.lab import experiment
 from diffurec_jax.lab import ledger
 
 REQUIRED = ("dataset", "name", "seed", "kind", "estimate_min", "notes")
-OPTIONAL = ("config", "overrides", "device", "grid", "after", "same_as")
+OPTIONAL = ("config", "overrides", "device", "grid", "after", "same_as", "evaluations")
 DEVICES = ("cpu", "gpu")
+# The flags of `bin/ledger.py evaluate` an evaluation may set (the workdir and label are the
+# campaign's): `{label = "1 reverse step (test)", args = ["--steps=1"]}`.
+EVALUATE_FLAGS = ("--split", "--steps", "--sampler", "--lambda0")
 
 
 class CampaignError(errors.UserError):
   """A plan or campaign that cannot be used as asked, in one sentence for people."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """A later evaluation of a row's selected checkpoint: its label in the ledger and the
+  `bin/ledger.py evaluate` flags that make it."""
+  label: str
+  args: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +63,7 @@ class Row:
   grid: str = ""
   after: str = ""
   same_as: str = ""
+  evaluations: tuple[Evaluation, ...] = ()
   expect: tuple = ()
 
   @property
@@ -104,6 +118,7 @@ def _parse_row(table: dict, where: str) -> Row:
             grid=table.get("grid", ""), after=table.get("after", ""),
             same_as=table.get("same_as", ""))
   where = f"{where} ({row.label})"
+  row = dataclasses.replace(row, evaluations=_evaluations(table.get("evaluations", []), where))
   if row.kind not in ledger.KINDS:
     raise CampaignError(f"{where}: kind {row.kind!r}; use one of {ledger.KINDS}.")
   if row.device not in DEVICES:
@@ -123,12 +138,34 @@ def _parse_row(table: dict, where: str) -> Row:
 def _check_types(table: dict, where: str):
   types = {"dataset": str, "name": str, "seed": int, "kind": str, "estimate_min": (int, float),
            "notes": str, "config": str, "overrides": list, "device": str, "grid": str,
-           "after": str, "same_as": str}
+           "after": str, "same_as": str, "evaluations": list}
   for field, value in table.items():
     if isinstance(value, bool) or not isinstance(value, types[field]):
       raise CampaignError(f"{where}: field {field!r} = {value!r} has the wrong type.")
   if not all(isinstance(item, str) for item in table.get("overrides", ())):
     raise CampaignError(f"{where}: overrides must be strings like '--config.train.patience=20'.")
+
+
+def _evaluations(tables: list, where: str) -> tuple[Evaluation, ...]:
+  """The `evaluations` field: tables {label, args}, labels distinct, args among
+  EVALUATE_FLAGS."""
+  evaluations = []
+  for table in tables:
+    if (not isinstance(table, dict) or set(table) - {"label", "args"}
+        or not isinstance(table.get("label"), str) or not table["label"].strip()
+        or not isinstance(table.get("args", []), list)
+        or not all(isinstance(arg, str) for arg in table.get("args", []))):
+      raise CampaignError(f"{where}: each evaluation is {{label = \"...\", args = [\"--steps=1\"]}}"
+                          f", got {table!r}.")
+    for arg in table.get("args", []):
+      if arg.partition("=")[0] not in EVALUATE_FLAGS:
+        raise CampaignError(f"{where}: evaluation {table['label']!r}: {arg!r} is not one of "
+                            f"{', '.join(EVALUATE_FLAGS)} (as --flag=value).")
+    evaluations.append(Evaluation(table["label"], tuple(table.get("args", []))))
+  labels = [evaluation.label for evaluation in evaluations]
+  if len(set(labels)) != len(labels):
+    raise CampaignError(f"{where}: two evaluations share a label; labels name ledger files.")
+  return tuple(evaluations)
 
 
 @functools.lru_cache(maxsize=None)
@@ -228,3 +265,15 @@ def command(row: Row, runs: str, python: str = "python") -> list[str]:
 
 def command_text(row: Row, runs: str) -> str:
   return shlex.join(command(row, runs))
+
+
+def evaluation_command(row: Row, evaluation: Evaluation, runs: str,
+                       python: str = "python") -> list[str]:
+  """The bin/ledger.py evaluate command of one of a row's evaluations (into its workdir)."""
+  return [python, "bin/ledger.py", "evaluate", "--workdir", row.workdir(runs), "--label",
+          evaluation.label, *evaluation.args]
+
+
+def evaluation_done(row: Row, evaluation: Evaluation, runs: str) -> bool:
+  """Whether the row's workdir already holds this evaluation's record."""
+  return os.path.exists(ledger.evaluation_path(row.workdir(runs), evaluation.label))
