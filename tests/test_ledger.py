@@ -263,17 +263,33 @@ def test_verdict_follows_the_tests(v1_p, sasrec_p, expected):
   rows = [_verdict_row("diffurec", 0.045, paper={"ndcg@10": 0.0477}),
           _verdict_row("v1", 0.040, seeds=2, paper={"ndcg@10": 0.0553}),
           _verdict_row("sasrec", 0.041)]
-  tests = [{"name": "v1", "baseline": "diffurec", "p": v1_p},
-           {"name": "diffurec", "baseline": "sasrec", "p": sasrec_p}]
+  tests = [_test("v1", "diffurec", v1_p, 2, 3), _test("diffurec", "sasrec", sasrec_p, 3, 3)]
   text = " ".join(verdict.verdict("Toys", rows, tests))
   for words in expected + ["the paper reports 5.53% against its DiffuRec's 4.77%",
                            "Provisional: v1 2 seeds"]:
     assert words in text, (words, text)
 
 
+def _test(name, baseline, p, seeds, baseline_seeds, mean_diff=-0.004):
+  return {"name": name, "baseline": baseline, "p": p, "seeds": seeds,
+          "baseline_seeds": baseline_seeds, "mean_diff": mean_diff}
+
+
+@pytest.mark.parametrize("tested_seeds, words", [
+    ((2, 3), "-0.50 points (paired t over users p = 0.001)"),  # Every seed has ranks.
+    ((1, 2), "-0.50 points (paired t over users of the 1 / 2 seeds with ranks: -0.46 points, "
+             "p = 0.001)"),  # The test's difference is not the table's.
+])
+def test_verdict_quotes_the_tested_difference(tested_seeds, words):
+  rows = [_verdict_row("diffurec", 0.045), _verdict_row("v1", 0.040, seeds=2)]
+  tests = [_test("v1", "diffurec", 0.001, *tested_seeds, mean_diff=-0.0046)]
+  text = " ".join(verdict.verdict("Toys", rows, tests))
+  assert words in text, text
+
+
 def test_a_winning_variant_is_named():
   rows = [_verdict_row("diffurec", 0.045), _verdict_row("v1", 0.050)]
-  tests = [{"name": "v1", "baseline": "diffurec", "p": 0.001}]
+  tests = [_test("v1", "diffurec", 0.001, 3, 3)]
   text = " ".join(verdict.verdict("Toys", rows, tests))
   assert "V1 (cross-attention) against DiffuRec" in text and "better" in text
   assert "The DiffuRecSys claim that V1/V2 beat DiffuRec holds here." in text

@@ -15,7 +15,11 @@ def _compared(name: str, baseline: str, rows: dict, tests: list[dict]) -> str:
           f"{100 * (run['ndcg@10'][0] - base['ndcg@10'][0]):+.2f} points")
   test = next((t for t in tests if t["name"] == name and t["baseline"] == baseline), None)
   if test is not None and test["p"] is not None:
-    text += f" (paired t over users p = {test['p']:.2g})"
+    if (test["seeds"], test["baseline_seeds"]) == (run["seeds"], base["seeds"]):
+      text += f" (paired t over users p = {test['p']:.2g})"
+    else:  # Seeds without ranks: the tested difference is not the table's.
+      text += (f" (paired t over users of the {test['seeds']} / {test['baseline_seeds']} seeds "
+               f"with ranks: {100 * test['mean_diff']:+.2f} points, p = {test['p']:.2g})")
   return text
 
 
