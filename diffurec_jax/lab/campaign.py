@@ -100,7 +100,7 @@ class Campaign:
     """Adds the finished workdirs that are not in the ledger yet, each after its planned
     evaluations; rebuilds the report. None, or the exit status when the campaign must stop
     (as run_row)."""
-    added = 0
+    added, stop = 0, None
     for status in [s for s in all_status if s.state == "finished"]:
       stop = self.evaluate(status.row)
       if stop is not None:
@@ -112,8 +112,6 @@ class Campaign:
         target = add_to_ledger(status.row, self.root, self.runs)
         self.say(f"added the finished {status.row.workdir(self.runs)} as {target}")
         added += 1
-    else:
-      stop = None
     if added:
       rebuild_report(self.root, self.report)
     return stop
