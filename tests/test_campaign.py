@@ -1,4 +1,5 @@
-"""The campaign of issue 18: the plan, each row's status, the grid pick (the runner: test_campaign_runner.py)."""
+"""The campaign of issue 18: the plan, each row's status, the grid pick (its runner:
+test_campaign_runner.py)."""
 
 import json
 import os

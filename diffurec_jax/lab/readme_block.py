@@ -48,7 +48,7 @@ def replace_block(text: str, block: str) -> str:
   markers in that order."""
   if not has_block(text):
     raise ValueError(f"no {BEGIN} ... {END} block")
-  start, end = text.find(BEGIN), text.find(END)
+  start, end = text.find(BEGIN), text.find(END)  # In that order (has_block).
   return text[:start + len(BEGIN)] + "\n" + block + "\n" + text[end:]
 
 
