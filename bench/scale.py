@@ -11,7 +11,11 @@ count D (fake CPU devices, `--xla_force_host_platform_device_count=D`) and each 
   sharded   catalog.block = --block, catalog.shards = D: the table's rows over the D devices,
             the batch not split (mesh data 1 x items D);
   mixed     catalog.block = --block, catalog.shards = D / 2 (D >= 4): mesh data 2 x items D/2,
-            the batch over 2 and the table's rows over D/2 (--paths picks which paths run);
+            the batch over 2 and the table's rows over D/2;
+  sampled   as sharded, trained with the sampled softmax (catalog.loss = sampled, --negatives
+            uniform negatives + the batch's targets); inference is sharded's full ranking
+(--paths picks which paths run; --markers names the section --markdown writes, so a
+`--paths sampled` run can sit beside the main table).
 runs `bench/throughput.py --part train` and `--part infer` (32 steps and 1 step) in fresh
 processes and reports training examples/s, users/s, each process's peak RSS and XLA's bytes per
 device of the compiled step (arguments + temporaries). Fake devices share this machine's cores,
@@ -34,6 +38,8 @@ _ITEMS = flags.DEFINE_list("items", ["1e4", "1e5", "1e6"], "Catalog sizes (prese
 _DEVICES = flags.DEFINE_list("devices", ["1", "2", "4"], "Fake CPU device counts.")
 _BLOCK = flags.DEFINE_integer("block", 8192, "catalog.block of the sharded path.")
 _PATHS = flags.DEFINE_list("paths", ["dense", "sharded", "mixed"], "Paths measured.")
+_NEGATIVES = flags.DEFINE_integer("negatives", 1024, "catalog.negatives of the sampled path.")
+_MARKERS = flags.DEFINE_string("markers", "scale", "The --markdown section: <!-- NAME:begin -->.")
 _DENSE_MAX = flags.DEFINE_integer("dense_max_items", 100_000, "Largest N run on the dense path.")
 _VARIANT = flags.DEFINE_string("variant", "diffurec", "Preset of the model.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed training steps.")
@@ -42,21 +48,18 @@ _EVAL_BATCH = flags.DEFINE_integer("eval_batch_size", 128, "Users per inference 
 _MARKDOWN = flags.DEFINE_string("markdown", None, "Write the table between its markers here.")
 _FIGURE = flags.DEFINE_string("figure", None, "Write the log-log figure here (PNG).")
 
-BEGIN, END = "<!-- scale:begin -->", "<!-- scale:end -->"
-
-
-PATHS = ("dense", "sharded", "mixed")
+PATHS = ("dense", "sharded", "mixed", "sampled")
 
 
 def item_shards(path: str, devices: int) -> int:
   """catalog.shards of a path on D devices (mixed: half of them, the data axis 2)."""
-  return {"dense": 1, "sharded": devices, "mixed": devices // 2}[path]
+  return {"dense": 1, "sharded": devices, "mixed": devices // 2, "sampled": devices}[path]
 
 
 def runs(path: str, items: str, devices: int) -> bool:
   if path == "dense":
     return float(items) <= _DENSE_MAX.value
-  return path == "sharded" or devices >= 4
+  return path in ("sharded", "sampled") or devices >= 4
 
 
 def child(part: str, items: str, devices: int, path: str) -> dict:
@@ -69,6 +72,8 @@ def child(part: str, items: str, devices: int, path: str) -> dict:
   if path != "dense":
     argv += [f"--config.catalog.block={_BLOCK.value}",
              f"--config.catalog.shards={item_shards(path, devices)}"]
+  if path == "sampled":
+    argv += ["--config.catalog.loss=sampled", f"--config.catalog.negatives={_NEGATIVES.value}"]
   flags_now = os.environ.get("XLA_FLAGS", "")
   env = dict(os.environ, XLA_FLAGS=f"{flags_now} "
              f"--xla_force_host_platform_device_count={devices}".strip())
@@ -109,7 +114,9 @@ def _cell(row: dict, key: str) -> str:
 def markdown(rows: list[dict], command: str) -> str:
   lines = [f"Measured {time.strftime('%Y-%m-%d')} on {side_by_side.machine()}; fake CPU devices "
            f"share the cores. {_VARIANT.value}, training {_STEPS.value} steps after compiling, "
-           f"inference of {_USERS.value} test users in batches of {_EVAL_BATCH.value}.", "",
+           f"inference of {_USERS.value} test users in batches of {_EVAL_BATCH.value}." +
+           (f" The sampled path: {_NEGATIVES.value} uniform negatives + the batch's targets "
+            "per step." if "sampled" in _PATHS.value else ""), "",
            "```bash", command, "```", "",
            "| N items | devices | path | mesh data x items | train ex/s | train MB / device (XLA) | train peak RSS "
            "MB | infer users/s, 32 steps | 1 step | infer MB / device (XLA) | infer peak RSS MB |",
@@ -140,7 +147,7 @@ def figure(rows: list[dict], path: str):
     chosen = [row for row in rows if "error" not in row and row["path"] == path_name
               and row["devices"] == devices]
     sizes = [float(row["items"]) for row in chosen]
-    style = {"dense": "--s", "sharded": "-o", "mixed": ":^"}[path_name]
+    style = {"dense": "--s", "sharded": "-o", "mixed": ":^", "sampled": "-.d"}[path_name]
     label = f"{path_name}, {devices} device{'s' if devices > 1 else ''}"
     memory_axes.plot(sizes, [row["train_device_mb"] for row in chosen], style, label=label)
     time_axes.plot(sizes, [1e3 / row["train_examples_per_s"] for row in chosen], style,
@@ -166,7 +173,8 @@ def main(argv):
   print(body)
   print(json.dumps(rows), flush=True)
   if _MARKDOWN.value:
-    side_by_side.write_between_markers(_MARKDOWN.value, body, BEGIN, END)
+    side_by_side.write_between_markers(_MARKDOWN.value, body, f"<!-- {_MARKERS.value}:begin -->",
+                                       f"<!-- {_MARKERS.value}:end -->")
   if _FIGURE.value:
     figure(rows, _FIGURE.value)
 

@@ -1,6 +1,7 @@
 """A sampled softmax for training on large catalogs (`catalog.loss=sampled`): the batch's own
 targets plus M negatives drawn uniformly or by popularity, logQ-corrected, so the loss is a
-consistent estimate of the full softmax cross-entropy (catalog.cross_entropy).
+consistent estimate of the full softmax cross-entropy (catalog.cross_entropy). Negatives are
+drawn through an alias table (Walker 1977; Vose 1991): O(1) work per draw whatever N is.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffurec_jax import catalog
 
@@ -18,10 +20,55 @@ NEGATIVE_SAMPLERS = ("uniform", "popularity")
 
 class Sampled(NamedTuple):
   """A sampled softmax: M negatives per step from q, plus the batch's own targets (drawn from
-  the data distribution p); q and p as log probabilities over the items [N+1] (-inf at 0)."""
+  the data distribution p); q and p as log probabilities over the items [N+1] (-inf at 0), q
+  also as its alias table (`make`)."""
   negatives: int  # M, shared by every row of a step.
   log_q: jax.Array  # [N+1] the negative sampler.
   log_p: jax.Array  # [N+1] the training items' frequency (in-batch candidates).
+  keep: jax.Array  # [N+1] float32: the probability that a draw landing on slot j keeps j...
+  alias: jax.Array  # [N+1] int32: ...the item it takes otherwise.
+
+
+def alias_table(q) -> tuple[np.ndarray, np.ndarray]:
+  """(keep [K] float32, alias [K] int32) of a distribution q [K] (Vose's method, float64).
+
+  Drawing slot j uniformly, then j with probability keep[j] and alias[j] otherwise, draws
+  item i with probability q_i (up to keep's float32 rounding). Items with q_i = 0 are never
+  drawn. q need not be normalised; it must be finite, >= 0, and not all 0.
+  """
+  q = np.asarray(q, np.float64)
+  if q.ndim != 1 or not np.all(np.isfinite(q)) or np.any(q < 0) or q.sum() <= 0:
+    raise ValueError("alias_table needs a 1-D array of finite weights >= 0, not all 0.")
+  size = q.shape[0]
+  scaled = q * (size / q.sum())
+  keep = np.ones(size)
+  alias = np.arange(size, dtype=np.int64)
+  small = [j for j in range(size) if scaled[j] < 1.0]
+  large = [j for j in range(size) if scaled[j] >= 1.0]
+  while small and large:
+    low, high = small.pop(), large[-1]
+    keep[low], alias[low] = scaled[low], high
+    scaled[high] -= 1.0 - scaled[low]
+    if scaled[high] < 1.0:
+      small.append(large.pop())
+  # What remains is 1 up to rounding: kept whole (a zero-weight slot always has a partner).
+  return keep.astype(np.float32), alias.astype(np.int32)
+
+
+def make(negatives: int, log_q, log_p) -> Sampled:
+  """The Sampled of M negatives from q = exp(log_q), in-batch items from p = exp(log_p)."""
+  keep, alias = alias_table(np.exp(np.asarray(log_q, np.float64)))
+  return Sampled(negatives, jnp.asarray(log_q), jnp.asarray(log_p), jnp.asarray(keep),
+                 jnp.asarray(alias))
+
+
+def draw_negatives(key, sampled: Sampled) -> jax.Array:
+  """M item ids [M] int32 drawn i.i.d. from q with replacement, through the alias table."""
+  slot_key, coin_key = jax.random.split(key)
+  size = sampled.keep.shape[0]
+  slots = jax.random.randint(slot_key, (sampled.negatives,), 0, size, dtype=jnp.int32)
+  coins = jax.random.uniform(coin_key, (sampled.negatives,))
+  return jnp.where(coins < sampled.keep[slots], slots, sampled.alias[slots])
 
 
 def sampling_distributions(item_counts, sampler: str) -> tuple:
@@ -54,7 +101,7 @@ def sampled_cross_entropy(x, table, targets, in_batch, key, sampled: Sampled,
   al. 2019). A candidate equal to the row's own target (an "accidental hit") is left out, so
   as the candidates grow the estimate tends to the full softmax's normaliser.
   """
-  drawn = jax.random.categorical(key, sampled.log_q, shape=(sampled.negatives,))
+  drawn = draw_negatives(key, sampled)
   candidates = jnp.concatenate([in_batch, drawn.astype(in_batch.dtype)])
   log_count = jnp.logaddexp(jnp.log(in_batch.shape[0]) + sampled.log_p,
                             jnp.log(sampled.negatives) + sampled.log_q)

@@ -162,7 +162,7 @@ def test_memory_stays_per_block():
 _SHARDED = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np, optax
-from diffurec_jax import catalog
+from diffurec_jax import catalog, sampled_softmax
 sys.path.insert(0, sys.argv[1])
 import test_catalog as t
 
@@ -170,19 +170,28 @@ x, table, targets, history = t._problem(seed=4, chains=2)
 rows = catalog.table_rows(t.NUM_ITEMS, 4)
 table = jnp.concatenate([table, jnp.full((rows - table.shape[0], t.HIDDEN), 7.0)])  # Padding rows.
 spec = catalog.Spec(t.NUM_ITEMS, 4)
+sampled = sampled_softmax.make(16, *sampled_softmax.sampling_distributions(
+    np.arange(t.NUM_ITEMS + 1.0), "popularity"))
 
 def everything(x, table):
   def loss(x0, table):  # Gradients through lookups too: the model embeds with them.
     x0 = x0 + 0.5 * catalog.lookup(table, targets) + catalog.lookup(table, history).mean(1)
     return jnp.mean(catalog.cross_entropy(x0, table, targets, spec))
 
+  def sampled_loss(x0, table):  # The sampled softmax reads the table through lookups only.
+    return jnp.mean(sampled_softmax.sampled_cross_entropy(
+        x0, table, targets, targets, jax.random.key(2), sampled))
+
   value, grads = jax.value_and_grad(loss, argnums=(0, 1))(x[0], table)
+  sampled_value, sampled_grads = jax.value_and_grad(sampled_loss, argnums=(0, 1))(x[0], table)
   ranks, values, ids = catalog.ranks_and_top_k(x, table, targets, spec, history, k=5)
   looked = catalog.lookup(table, history)
   one_values, one_ids = catalog.top_k(x[:1], table, spec, 5, history)
   return {"loss": value, "grad_x": grads[0], "grad_table": grads[1], "ranks": ranks,
           "top_values": values, "top_ids": ids, "lookup": looked,
-          "one_chain_values": one_values, "one_chain_ids": one_ids}
+          "one_chain_values": one_values, "one_chain_ids": one_ids,
+          "sampled_loss": sampled_value, "sampled_grad_x": sampled_grads[0],
+          "sampled_grad_table": sampled_grads[1]}
 
 out = {"single": jax.tree.map(np.asarray, jax.jit(everything)(x, table))}
 for shape in [(2, 2), (1, 4), (4, 1)]:
@@ -258,6 +267,58 @@ def test_blockwise_evaluation_and_recommendations_equal_dense(trained_workdir, m
                              rtol=1e-5)
 
 
+def _alias_distribution(keep, alias):
+  """The exact distribution an alias table draws from [K]: slot j uniform, j kept with
+  probability keep[j], alias[j] otherwise."""
+  keep = np.asarray(keep, np.float64)
+  return (keep + np.bincount(alias, weights=1.0 - keep, minlength=keep.shape[0])) / keep.size
+
+
+@pytest.mark.parametrize("weights", [
+    [0.0, 1.0, 1.0, 1.0],             # uniform over items 1..3, padding never drawn
+    [0.0, 5.0, 1.0, 0.0, 2.0],        # an item of weight 0 is never drawn
+    [0.0, 1e-9, 1.0, 1e6],            # weights 15 orders of magnitude apart
+    [3.0],                            # one item
+    [0.0] + [0.5 + k % 7 for k in range(1000)],
+])
+def test_alias_table_draws_exactly_q(weights):
+  keep, alias = sampled_softmax.alias_table(weights)
+  q = np.asarray(weights) / np.sum(weights)
+  implied = _alias_distribution(keep, alias)
+  np.testing.assert_allclose(implied, q, rtol=0, atol=1e-7 / len(weights) + 1e-12)
+  assert np.all(implied[q == 0] == 0)
+
+
+@pytest.mark.parametrize("weights", [[], [0.0, 0.0], [1.0, -1.0], [1.0, np.inf], [[1.0]]])
+def test_alias_table_refuses_bad_weights(weights):
+  with pytest.raises(ValueError, match="finite weights"):
+    sampled_softmax.alias_table(weights)
+
+
+@pytest.mark.parametrize("sampler", sampled_softmax.NEGATIVE_SAMPLERS)
+def test_drawn_negatives_follow_q_and_skip_padding(sampler):
+  """200k draws in one jitted call: each item's frequency within 5 standard errors of q."""
+  counts = np.array([0] + [1 + (k * 37) % 11 for k in range(40)], np.float64)
+  log_q, log_p = sampled_softmax.sampling_distributions(counts, sampler)
+  sampled = sampled_softmax.make(200_000, log_q, log_p)
+  drawn = np.asarray(jax.jit(lambda key: sampled_softmax.draw_negatives(key, sampled))(
+      jax.random.key(3)))
+  frequency = np.bincount(drawn, minlength=counts.size) / drawn.size
+  q = np.exp(np.asarray(log_q, np.float64))
+  assert frequency[0] == 0
+  assert np.all(np.abs(frequency - q) <= 5 * np.sqrt(q * (1 - q) / drawn.size) + 1e-12)
+
+
+def test_drawing_negatives_does_not_grow_with_the_catalog():
+  """M = 1024 draws from N = 10^6 items: temporaries of O(M), not the [M, N] of Gumbel-max
+  sampling (jax.random.categorical: 4 GB here, and 0.5 s a step already at N = 12k)."""
+  log_q, log_p = sampled_softmax.sampling_distributions(np.ones(1_000_001), "uniform")
+  sampled = sampled_softmax.make(1024, log_q, log_p)
+  compiled = jax.jit(lambda key: sampled_softmax.draw_negatives(key, sampled)).lower(
+      jax.random.key(0)).compile()
+  assert compiled.memory_analysis().temp_size_in_bytes < 1024 * 64
+
+
 @pytest.mark.parametrize("sampler", sampled_softmax.NEGATIVE_SAMPLERS)
 def test_sampled_softmax_tends_to_the_full_cross_entropy(sampler):
   x, table, targets, history = _problem(seed=5)
@@ -267,7 +328,7 @@ def test_sampled_softmax_tends_to_the_full_cross_entropy(sampler):
   in_batch = targets
   estimates = []
   for negatives in (4, 200_000):
-    sampled = sampled_softmax.Sampled(negatives, log_q, log_p)
+    sampled = sampled_softmax.make(negatives, log_q, log_p)
     estimates.append(sampled_softmax.sampled_cross_entropy(x[0], table, targets, in_batch,
                                                    jax.random.key(0), sampled))
   np.testing.assert_allclose(estimates[1], full, rtol=0.01)  # Consistent: many samples.
@@ -280,7 +341,7 @@ def test_sampled_softmax_leaves_out_accidental_hits_and_padding():
   x, table, targets, _ = _problem(seed=6)
   _, log_p = sampled_softmax.sampling_distributions(np.ones(NUM_ITEMS + 1), "uniform")
   only_target = jnp.full(NUM_ITEMS + 1, -jnp.inf).at[targets[0]].set(0.0)
-  sampled = sampled_softmax.Sampled(1, only_target, log_p)
+  sampled = sampled_softmax.make(1, only_target, log_p)
   copies = jnp.array([targets[0], 0, targets[0]])
   loss = sampled_softmax.sampled_cross_entropy(x[0][:1], table, targets[:1], copies,
                                                jax.random.key(1), sampled)

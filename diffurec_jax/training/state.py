@@ -73,7 +73,7 @@ def sampled_softmax(config, dataset) -> sampled_lib.Sampled | None:
     return None
   log_q, log_p = sampled_lib.sampling_distributions(splits.training_item_counts(dataset),
                                                     config.catalog.negative_sampler)
-  return sampled_lib.Sampled(config.catalog.negatives, log_q, log_p)
+  return sampled_lib.make(config.catalog.negatives, log_q, log_p)
 
 
 def loss_weight_fn(config):
