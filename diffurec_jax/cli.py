@@ -258,7 +258,7 @@ def parse_flags(argv):
       config_check.validate(flags.FLAGS.config)  # Values, before anything is read or built.
     return args
   except (flags.Error, KeyError, AttributeError, OSError, ValueError, TypeError) as error:
-    if verbose() or "--verbose" in argv or caused_by_interrupt(error):
+    if verbose() or "--verbose" in argv or interrupted(error):
       raise
     if isinstance(error, errors.UserError):
       print(f"error: {error}", file=sys.stderr)
@@ -306,13 +306,20 @@ def caused_by_interrupt(error: BaseException) -> bool:
   return False
 
 
+def interrupted(error: BaseException) -> bool:
+  """Whether `error` comes from a Ctrl-C: in its chain, or one was seen since the script began.
+  An extension's import may replace the KeyboardInterrupt by an ImportError that does not link
+  to it (numpy's 'multiarray failed to import', then jaxlib's own), so the chain is not enough."""
+  return _EARLY_SIGINT["seen"] or caused_by_interrupt(error)
+
+
 def run(main):
   """absl.app.run(main) with `parse_flags`; a Ctrl-C before `run_guarded` is one line too."""
   _install_early_sigint_handler()
   try:
     app.run(main, flags_parser=parse_flags)
   except (Exception, KeyboardInterrupt) as error:  # SystemExit passes through.
-    if verbose() or not caused_by_interrupt(error):
+    if verbose() or not interrupted(error):
       raise
     print("interrupted", file=sys.stderr, flush=True)
     sys.exit(130)  # 128 + SIGINT, as interrupt.EXIT_STATUS.

@@ -114,6 +114,18 @@ def test_caused_by_interrupt(kinds, expected):
   assert cli.caused_by_interrupt(_chained(*kinds)) is expected
 
 
+@pytest.mark.parametrize("seen, kinds, expected", [
+    (True, (ImportError,), True),  # numpy's ImportError, unlinked to the Ctrl-C seen meanwhile.
+    (True, (ValueError, ImportError), True),
+    (False, (ImportError,), False),
+    (False, (KeyboardInterrupt, ImportError), True),
+])
+def test_interrupted_counts_a_ctrl_c_seen_during_the_imports(monkeypatch, seen, kinds,
+                                                             expected):
+  monkeypatch.setitem(cli._EARLY_SIGINT, "seen", seen)
+  assert cli.interrupted(_chained(*kinds)) is expected
+
+
 _RAISES = """
 import sys
 from diffurec_jax import cli
