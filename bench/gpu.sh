@@ -11,7 +11,8 @@
 #   mkdir -p .gpudata/beauty/s3rec && cp ../shared/data/beauty/s3rec/Beauty.txt .gpudata/beauty/s3rec/
 # Run with the device tool: command "bash bench/gpu.sh", carry [".whl", ".gpudata"], timeout_s 600.
 # `bash bench/gpu.sh scale` instead runs the N = 10^6-item row (issue 21): the synthetic catalog
-# (generated there, ~10 s), training and 32-step inference, item table scored in blocks of 65,536.
+# (generated there, ~10 s), training and 32-step inference, item table scored in blocks of 65,536,
+# then training with the sampled softmax.
 set -uo pipefail
 MODE=${1:-all}
 OUT=${OUT:-/tmp/diffurec_gpu_out}
@@ -26,10 +27,15 @@ python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.
 
 if [ "$MODE" = scale ]; then
   for part in train infer; do
-    timeout 270 python3 bench/throughput.py --config configs/synthetic.py:items_1e6,diffurec \
+    timeout 190 python3 bench/throughput.py --config configs/synthetic.py:items_1e6,diffurec \
       --part $part --steps 10 --users 2048 --eval_batch_size 512 --nofour_seeds \
       --config.catalog.block=65536 2>&1 | tee "$OUT/scale_$part.txt"
   done
+  # The sampled softmax at the same size (1,024 uniform negatives; docs/performance.md).
+  timeout 170 python3 bench/throughput.py --config configs/synthetic.py:items_1e6,diffurec \
+    --part train --steps 10 --nofour_seeds --config.catalog.block=65536 \
+    --config.catalog.loss=sampled --config.catalog.negatives=1024 2>&1 \
+    | tee "$OUT/scale_train_sampled.txt"
   exit 0
 fi
 
