@@ -47,6 +47,15 @@ def parts(part: str) -> tuple[str, ...]:
   return ("train", "infer") if part == "both" else (part,)
 
 
+def load_warning(load: float, cores: int) -> str | None:
+  """A warning when the 1-minute load average says other work shares the cores (the table
+  claims nothing else ran)."""
+  if load <= 0.5 * cores:
+    return None
+  return (f"warning: load average {load:.2f} on {cores} cores: other work is running, so "
+          "these figures are not a quiet machine's; stop it (the campaign resumes) and rerun.")
+
+
 def child_argv(config: str, overrides: list[str], part: str, steps: int, repeats: int,
                users: int) -> list[str]:
   return [os.path.join(side_by_side.BENCH, "throughput.py"), f"--config={config}", *overrides,
@@ -70,9 +79,12 @@ def summarise(records: dict[str, list[dict]], part: str) -> list[tuple[str, floa
   return rows
 
 
-def markdown(records: dict, rows: list, command: str, part: str, repeats: int) -> str:
-  lines = [f"Measured {time.strftime('%Y-%m-%d')} on {side_by_side.machine()}, nothing else "
-           f"running. Medians of {len(records['off'])} rounds (order alternating, each a fresh "
+def markdown(records: dict, rows: list, command: str, part: str, repeats: int,
+             busy: str | None = None) -> str:
+  """The section's text; `busy` (load_warning's message) replaces the claim of a quiet machine."""
+  quiet = "nothing else running" if busy is None else busy.removeprefix("warning: ").split(
+      ":")[0] + " at the start (other work running)"
+  lines = [f"Measured {time.strftime('%Y-%m-%d')} on {side_by_side.machine()}, {quiet}. Medians of {len(records['off'])} rounds (order alternating, each a fresh "
            f"process per setting), each process the median of {repeats} repeats.", "",
            "```bash", command, "```", "",
            "| | off | on | on / off |", "|---|---|---|---|"]
@@ -107,6 +119,9 @@ def main(argv):
     raise SystemExit(f"error: --rounds {options.rounds}: give 1 or more.")
   if options.markdown and not options.name:
     raise SystemExit("error: --markdown needs --name (the section's markers).")
+  warning = load_warning(os.getloadavg()[0], os.cpu_count() or 1)
+  if warning:
+    print(warning, file=sys.stderr, flush=True)
   records = {"off": [], "on": []}
   started = time.perf_counter()
   for round_index in range(options.rounds):
@@ -123,7 +138,7 @@ def main(argv):
   rows = summarise(records, options.part)
   command = "python bench/switch.py " + shlex.join(
       side_by_side.without_flags(sys.argv[1:], ("--markdown", "--name")))
-  body = markdown(records, rows, command, options.part, options.repeats)
+  body = markdown(records, rows, command, options.part, options.repeats, warning)
   print(body)
   print(json.dumps({"rows": rows, "records": records}), flush=True)
   if options.markdown:

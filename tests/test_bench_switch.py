@@ -60,3 +60,21 @@ def test_markdown_table():
   assert "| training examples/s | 900.0 | 600.0 | **0.67x** |" in text
   assert "Medians of 2 rounds" in text
   assert text.endswith("Per round (train_examples_per_s, off; on): 1000.0; 500.0; 800.0; 700.0")
+
+
+@pytest.mark.parametrize("load, cores, warns", [(0.3, 2, False), (1.0, 2, False), (1.6, 2, True),
+                                                (3.0, 8, False)])
+def test_load_warning(load, cores, warns):
+  warning = switch.load_warning(load, cores)
+  assert (warning is not None) is warns
+  if warns:
+    assert warning.startswith("warning: load average 1.60 on 2 cores")
+
+
+def test_markdown_says_when_the_machine_was_busy():
+  records = {"off": [_record(1000.0, 900.0)], "on": [_record(500.0, 800.0)]}
+  rows = switch.summarise(records, "train")
+  busy = switch.markdown(records, rows, "cmd", "train", 3, switch.load_warning(1.6, 2))
+  assert "load average 1.60 on 2 cores at the start (other work running)" in busy
+  assert "nothing else running" not in busy
+  assert "nothing else running" in switch.markdown(records, rows, "cmd", "train", 3)
